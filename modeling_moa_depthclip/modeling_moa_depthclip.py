@@ -1,0 +1,565 @@
+"""PyTorch MoA-DepthCLIP: CLIP ViT adapted to metric depth by a prompt-guided Mixture-of-Adapters.
+
+Data flow, pixels to metres (see `MoADepthCLIPForDepthEstimation.forward`):
+
+    pixels -> CLIP patch embedding -> CLIP blocks, each chosen block followed by a `MixtureOfAdapters`
+           whose router is guided by the `GlobalSemanticContext` (the image's similarity to CLIP text embeddings
+           of depth prompts) -> adapted patch tokens of the MoA blocks -> decoder (`MultiScaleDepthDecoder` or
+           `PatchGridDecoder`) -> `HybridDepthHead` (depth-bin classification + regression, fused per pixel)
+           -> bilinear upsampling to the input size -> depth in metres.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import DepthEstimatorOutput
+
+from .configuration_moa_depthclip import MoADepthCLIPConfig
+from .losses import (
+    bin_cross_entropy_loss,
+    gradient_loss,
+    l1_loss,
+    resize_depth_to_grid,
+    router_balance_loss,
+    router_entropy_loss,
+    silog_loss,
+    ssim_loss,
+    valid_depth_mask,
+)
+
+
+@dataclass
+class MoADepthCLIPDepthEstimatorOutput(DepthEstimatorOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): The composite loss, returned when `labels` are given.
+    predicted_depth (`torch.FloatTensor` of shape `(batch_size, height, width)`):
+        Depth in metres at the input resolution, within `[config.min_depth, config.max_depth]`.
+    classification_depth (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width)`):
+        Expected depth under the bin probabilities, on the head's output grid.
+    regression_depth (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width)`):
+        Depth of the direct regression branch, on the head's output grid.
+    fusion_weight (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width)`):
+        Per-pixel weight of the classification branch in the fused depth.
+    bin_logits (`torch.FloatTensor` of shape `(batch_size, num_depth_bins, grid_height, grid_width)`)
+    router_probs (`torch.FloatTensor` of shape `(batch_size, num_moa_layers, num_experts)`):
+        Mean gate of each expert over the image's tokens, per MoA layer.
+    prompt_probs (`torch.FloatTensor` of shape `(batch_size, num_prompts)`):
+        The image's softmax similarity to each depth prompt (from the last MoA layer's context).
+    router_aux_loss (`torch.FloatTensor`, *optional*): The auxiliary router loss, unweighted.
+    loss_components (`dict[str, torch.FloatTensor]`, *optional*): Each unweighted loss term, detached.
+    """
+
+    classification_depth: torch.FloatTensor | None = None
+    regression_depth: torch.FloatTensor | None = None
+    fusion_weight: torch.FloatTensor | None = None
+    bin_logits: torch.FloatTensor | None = None
+    router_probs: torch.FloatTensor | None = None
+    prompt_probs: torch.FloatTensor | None = None
+    router_aux_loss: torch.FloatTensor | None = None
+    loss_components: dict | None = None
+
+
+def depth_bin_edges(config: MoADepthCLIPConfig, device=None, dtype=torch.float32) -> torch.Tensor:
+    """`num_depth_bins + 1` bin edges between `min_depth` and `max_depth`, linear or log spaced."""
+    n = config.num_depth_bins
+    if config.bin_spacing == "log":
+        return torch.exp(
+            torch.linspace(math.log(config.min_depth), math.log(config.max_depth), n + 1, device=device)
+        ).to(dtype)
+    return torch.linspace(config.min_depth, config.max_depth, n + 1, device=device).to(dtype)
+
+
+def depth_bin_centers(config: MoADepthCLIPConfig, device=None, dtype=torch.float32) -> torch.Tensor:
+    edges = depth_bin_edges(config, device=device, dtype=torch.float32)
+    if config.bin_spacing == "log":
+        centers = torch.sqrt(edges[:-1] * edges[1:])
+    else:
+        centers = (edges[:-1] + edges[1:]) / 2
+    return centers.to(dtype)
+
+
+class GlobalSemanticContext(nn.Module):
+    """The global semantic context vector: how an image relates to CLIP text embeddings of depth prompts.
+
+    The image's CLS token is mapped into CLIP's joint image-text space (CLIP's own `post_layernorm` and visual
+    projection), scored against the frozen prompt embeddings like CLIP zero-shot classification, and the
+    prompt-weighted text embedding is fused with the image embedding into one vector per image.
+    """
+
+    def __init__(self, config: MoADepthCLIPConfig):
+        super().__init__()
+        hidden_size = config.vision_config.hidden_size
+        embed_dim = config.prompt_embedding_dim
+        # CLIP text features of `config.depth_prompts`, L2-normalised; written by the conversion script.
+        self.register_buffer("prompt_embeddings", torch.zeros(len(config.depth_prompts), embed_dim), persistent=True)
+        self.image_projection = nn.Linear(hidden_size, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))
+        self.fuse = nn.Sequential(nn.Linear(2 * embed_dim, config.context_dim), nn.GELU())
+
+    def forward(self, cls_token: torch.Tensor, post_layernorm: nn.Module):
+        image_embedding = F.normalize(self.image_projection(post_layernorm(cls_token)), dim=-1)
+        prompts = self.prompt_embeddings.to(image_embedding.dtype)
+        prompt_probs = (self.logit_scale.exp() * image_embedding @ prompts.t()).softmax(dim=-1)
+        text_context = prompt_probs @ prompts
+        return self.fuse(torch.cat([image_embedding, text_context], dim=-1)), prompt_probs
+
+
+class PromptGuidedRouter(nn.Module):
+    """Per-token soft gate over the experts, shifted by the image's semantic context.
+
+    Token and context are projected into one hidden space and added, so every token is routed by what it is
+    *and* by what the whole scene is (Linear(768->128) -> ReLU -> Linear(128->E) in the authors' prototype,
+    plus the context term).
+    """
+
+    def __init__(self, config: MoADepthCLIPConfig):
+        super().__init__()
+        hidden_size = config.vision_config.hidden_size
+        self.token_proj = nn.Linear(hidden_size, config.router_hidden_size)
+        self.context_proj = nn.Linear(config.context_dim, config.router_hidden_size, bias=False)
+        self.gate = nn.Linear(config.router_hidden_size, config.num_experts)
+        self.top_k = config.router_top_k if config.router_type == "topk" else None
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        hidden = F.relu(self.token_proj(hidden_states) + self.context_proj(context).unsqueeze(1))
+        gates = self.gate(hidden).float().softmax(dim=-1)
+        if self.top_k is not None and self.top_k < gates.shape[-1]:
+            top_values, top_indices = gates.topk(self.top_k, dim=-1)
+            gates = torch.zeros_like(gates).scatter(-1, top_indices, top_values)
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return gates
+
+
+class AdapterExperts(nn.Module):
+    """`num_experts` bottleneck adapters Linear(D->r) -> GELU -> Linear(r->D), evaluated together.
+
+    Expert `e` owns rows `e*r:(e+1)*r` of `down_proj.weight`, columns `e*r:(e+1)*r` of `up_proj.weight` and row
+    `e` of `up_bias`. Gating before the up-projection turns the mixture into two matmuls:
+    `sum_e g_e (h_e U_e + b_e) = concat_e(g_e h_e) U + g b`.
+    """
+
+    def __init__(self, config: MoADepthCLIPConfig):
+        super().__init__()
+        hidden_size = config.vision_config.hidden_size
+        self.num_experts = config.num_experts
+        self.bottleneck = config.adapter_bottleneck
+        self.down_proj = nn.Linear(hidden_size, self.num_experts * self.bottleneck)
+        self.up_proj = nn.Linear(self.num_experts * self.bottleneck, hidden_size, bias=False)
+        self.up_bias = nn.Parameter(torch.zeros(self.num_experts, hidden_size))
+        self.act = nn.GELU()
+
+    def forward(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = hidden_states.shape
+        bottleneck = self.act(self.down_proj(hidden_states)).view(batch, tokens, self.num_experts, self.bottleneck)
+        gates = gates.to(bottleneck.dtype)
+        mixed = (bottleneck * gates.unsqueeze(-1)).view(batch, tokens, -1)
+        return self.up_proj(mixed) + gates @ self.up_bias.to(bottleneck.dtype)
+
+
+class MixtureOfAdapters(nn.Module):
+    """Mixture-of-Adapters after one CLIP block: `x + sum_e g_e(x, context) * E_e(x)`.
+
+    Attached by composition: it reads the block's output and never touches the block's own weights.
+    """
+
+    def __init__(self, config: MoADepthCLIPConfig):
+        super().__init__()
+        self.router = PromptGuidedRouter(config)
+        self.experts = AdapterExperts(config)
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor):
+        gates = self.router(hidden_states, context)
+        return hidden_states + self.experts(hidden_states, gates), gates
+
+
+class ResidualConvUnit(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class DetailStem(nn.Module):
+    """Two stride-2 convolutions on the pixels: the edges a 32-pixel patch grid cannot see, at 1/4 resolution."""
+
+    def __init__(self, num_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(num_channels, out_channels // 2, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(out_channels // 2, out_channels, 3, stride=2, padding=1)
+
+    def forward(self, pixel_values):
+        return self.conv2(F.gelu(self.conv1(pixel_values)))
+
+
+def _quarter_size(height: int, width: int) -> tuple[int, int]:
+    return (height + 3) // 4, (width + 3) // 4
+
+
+class ReassembleStage(nn.Module):
+    """Patch tokens of each MoA layer -> normalised, projected feature maps assigned to a decoder level.
+
+    Shallower layers go to finer levels (DPT's reassembling); level 0 is the patch grid, the last level is a
+    quarter of the input resolution.
+    """
+
+    def __init__(self, config: MoADepthCLIPConfig, level_channels: list[int]):
+        super().__init__()
+        hidden_size = config.vision_config.hidden_size
+        num_features = len(config.moa_layers)
+        num_levels = len(level_channels)
+        # the deepest feature starts at level 0, the shallowest lands on the finest level
+        self.levels = [
+            round((num_features - 1 - i) * (num_levels - 1) / max(num_features - 1, 1)) for i in range(num_features)
+        ]
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden_size) for _ in range(num_features))
+        self.projections = nn.ModuleList(
+            nn.Linear(hidden_size, level_channels[level]) for level in self.levels
+        )
+
+    def forward(self, patch_tokens: list[torch.Tensor], grid: tuple[int, int]) -> list[tuple[int, torch.Tensor]]:
+        maps = []
+        for tokens, norm, projection, level in zip(patch_tokens, self.norms, self.projections, self.levels):
+            feature = projection(norm(tokens)).transpose(1, 2).unflatten(2, grid)
+            maps.append((level, feature))
+        return maps
+
+
+class FeatureFusionStage(nn.Module):
+    """Coarse to fine: upsample x2, reduce channels, add the features of this level, refine with a residual unit."""
+
+    def __init__(self, level_channels: list[int]):
+        super().__init__()
+        self.transitions = nn.ModuleList(
+            nn.Conv2d(level_channels[i - 1], level_channels[i], 1) for i in range(1, len(level_channels))
+        )
+        self.refine = nn.ModuleList(ResidualConvUnit(c) for c in level_channels)
+
+    def forward(self, level_features: list[tuple[int, torch.Tensor]], sizes: list[tuple[int, int]], detail):
+        fused = None
+        for level, size in enumerate(sizes):
+            if fused is not None:
+                fused = self.transitions[level - 1](F.interpolate(fused, size=size, mode="bilinear"))
+            for feature_level, feature in level_features:
+                if feature_level == level:
+                    feature = F.interpolate(feature, size=size, mode="bilinear") if feature.shape[-2:] != size else feature
+                    fused = feature if fused is None else fused + feature
+            if level == len(sizes) - 1:
+                fused = fused + detail
+            fused = self.refine[level](fused)
+        return fused
+
+
+class MultiScaleDepthDecoder(nn.Module):
+    """Light DPT-style decoder: fuses the MoA layers' features with an RGB detail stem at 1/4 input resolution.
+
+    A prediction on the 7x7 ViT-B/32 grid caps RMSE on NYU near 0.41 m whatever the network learns; predicting at
+    a quarter of the input resolution removes that cap.
+    """
+
+    def __init__(self, config: MoADepthCLIPConfig):
+        super().__init__()
+        patch_size = config.vision_config.patch_size
+        num_levels = max(1, round(math.log2(max(patch_size / 4, 1)))) + 1
+        self.level_channels = [max(config.decoder_hidden_size >> level, 32) for level in range(num_levels)]
+        self.reassemble = ReassembleStage(config, self.level_channels)
+        self.detail_stem = DetailStem(config.vision_config.num_channels, self.level_channels[-1])
+        self.fusion = FeatureFusionStage(self.level_channels)
+        self.out_channels = self.level_channels[-1]
+
+    def forward(self, patch_tokens, grid, pixel_values):
+        height, width = pixel_values.shape[-2:]
+        quarter = _quarter_size(height, width)
+        num_levels = len(self.level_channels)
+        # geometric steps from the patch grid to the quarter-resolution grid
+        sizes = [
+            tuple(
+                max(1, round(g * (q / g) ** (level / max(num_levels - 1, 1)))) for g, q in zip(grid, quarter)
+            )
+            for level in range(num_levels)
+        ]
+        sizes[-1] = quarter
+        detail = self.detail_stem(pixel_values.to(self.detail_stem.conv1.weight.dtype))
+        if detail.shape[-2:] != quarter:
+            detail = F.interpolate(detail, size=quarter, mode="bilinear")
+        return self.fusion(self.reassemble(patch_tokens, grid), sizes, detail)
+
+
+class PatchGridDecoder(nn.Module):
+    """The authors' design: the MoA layers' patch tokens averaged and projected, predicted on the patch grid."""
+
+    def __init__(self, config: MoADepthCLIPConfig):
+        super().__init__()
+        hidden_size = config.vision_config.hidden_size
+        self.norm = nn.LayerNorm(hidden_size)
+        self.projection = nn.Linear(hidden_size, config.decoder_hidden_size)
+        self.out_channels = config.decoder_hidden_size
+
+    def forward(self, patch_tokens, grid, pixel_values):
+        tokens = torch.stack(patch_tokens, dim=0).mean(dim=0)
+        return F.gelu(self.projection(self.norm(tokens))).transpose(1, 2).unflatten(2, grid)
+
+
+class HybridDepthHead(nn.Module):
+    """Depth-bin classification plus direct regression, fused by a learned per-pixel weight.
+
+    classification: expected depth `sum_k softmax(logits)_k * center_k` over `num_depth_bins` bins;
+    regression: `sigmoid` mapped onto [min_depth, max_depth] (in log depth for log-spaced bins);
+    fused: `w * classification + (1 - w) * regression`, `w = sigmoid(gate)`. Both branches lie in
+    [min_depth, max_depth], so the fused depth does too.
+    """
+
+    def __init__(self, config: MoADepthCLIPConfig, in_channels: int):
+        super().__init__()
+        self.config = config
+        self.bin_classifier = nn.Conv2d(in_channels, config.num_depth_bins, 1)
+        self.regressor = nn.Conv2d(in_channels, 1, 1)
+        self.fusion_gate = nn.Conv2d(in_channels, 1, 1)
+
+    def forward(self, features: torch.Tensor):
+        config = self.config
+        bin_logits = self.bin_classifier(features)
+        centers = depth_bin_centers(config, device=features.device, dtype=torch.float32)
+        probs = bin_logits.float().softmax(dim=1)
+        classification = torch.einsum("bkhw,k->bhw", probs, centers)
+        unit = torch.sigmoid(self.regressor(features).float()).squeeze(1)
+        if config.bin_spacing == "log":
+            low, high = math.log(config.min_depth), math.log(config.max_depth)
+            regression = torch.exp(low + unit * (high - low))
+        else:
+            regression = config.min_depth + unit * (config.max_depth - config.min_depth)
+        weight = torch.sigmoid(self.fusion_gate(features).float()).squeeze(1)
+        depth = weight * classification + (1 - weight) * regression
+        return depth, classification, regression, weight, bin_logits
+
+
+class MoADepthCLIPPreTrainedModel(PreTrainedModel):
+    config: MoADepthCLIPConfig
+    config_class = MoADepthCLIPConfig
+    base_model_prefix = "moa_depthclip"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["CLIPEncoderLayer", "MixtureOfAdapters"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, AdapterExperts):
+            # zero up-projections: every MoA starts as the identity, so the pretrained CLIP features are intact
+            init.zeros_(module.up_proj.weight)
+            init.zeros_(module.up_bias)
+        elif isinstance(module, GlobalSemanticContext):
+            # placeholder prompts until the conversion writes real CLIP text embeddings; seeded so that every
+            # fresh model of one configuration agrees
+            generator = torch.Generator().manual_seed(0)
+            random = torch.randn(module.prompt_embeddings.shape, generator=generator)
+            init.copy_(module.prompt_embeddings, F.normalize(random, dim=-1))
+            init.constant_(module.logit_scale, math.log(100.0))
+
+
+class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
+    """MoA-DepthCLIP: a CLIP vision tower with Mixture-of-Adapters, a decoder and a hybrid depth head.
+
+    `vision_model` is an unmodified transformers `CLIPVisionModel` (keys `vision_model.*`, as in `CLIPModel`),
+    so CLIP weights load into it unchanged. The MoA modules live beside it in `moa` (keyed by block index) and
+    are applied to the output of their block in `forward`.
+    """
+
+    def __init__(self, config: MoADepthCLIPConfig):
+        super().__init__(config)
+        self.vision_model = CLIPVisionModel._from_config(config.vision_config)
+        self.semantic_context = GlobalSemanticContext(config)
+        self.moa = nn.ModuleDict({str(index): MixtureOfAdapters(config) for index in config.moa_layers})
+        self.decoder = MultiScaleDepthDecoder(config) if config.decoder == "multiscale" else PatchGridDecoder(config)
+        self.head = HybridDepthHead(config, self.decoder.out_channels)
+        self.post_init()
+        self.apply_trainable_mask()
+
+    @property
+    def prompt_embeddings(self) -> torch.Tensor:
+        return self.semantic_context.prompt_embeddings
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # loading materialises fresh parameters; restore the configuration's trainable set on them
+        model.apply_trainable_mask()
+        return model
+
+    def is_trainable_parameter(self, name: str) -> bool:
+        """Everything outside the CLIP tower trains; inside it, only the last `num_unfrozen_layers` blocks."""
+        if not name.startswith("vision_model."):
+            return True
+        return any(
+            name.startswith(f"vision_model.encoder.layers.{index}.") for index in self.config.trainable_layer_indices
+        )
+
+    def apply_trainable_mask(self):
+        """Set `requires_grad` on exactly the parameters the configuration trains (and clear it on the rest)."""
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(self.is_trainable_parameter(name))
+
+    def _frozen_prefix_length(self) -> int:
+        """Number of leading blocks that can run without an autograd graph (nothing in or before them trains)."""
+        if any(p.requires_grad for p in self.vision_model.embeddings.parameters()) or any(
+            p.requires_grad for p in self.vision_model.pre_layrnorm.parameters()
+        ):
+            return 0
+        count = 0
+        for layer in self.vision_model.encoder.layers:
+            if any(p.requires_grad for p in layer.parameters()):
+                break
+            count += 1
+        # the first MoA's router needs the graph from its own block's output onwards, not before
+        return min(count, self.config.moa_layers[0] + 1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoADepthCLIPDepthEstimatorOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+            Images normalised by [`MoADepthCLIPImageProcessor`]. Height and width need not be the pretraining
+            size: position embeddings are interpolated.
+        labels (`torch.FloatTensor` of shape `(batch_size, height, width)`, *optional*):
+            Ground-truth depth in metres. Zero, negative, NaN and beyond-`max_depth` pixels are ignored. Any spatial
+            size is accepted: the prediction is resized to it for the loss.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        pixel_values = self._check_pixel_values(pixel_values)
+        batch_size, _, height, width = pixel_values.shape
+        vision = self.vision_model
+        patch_size = self.config.vision_config.patch_size
+        grid = (height // patch_size, width // patch_size)
+        image_size = self.config.vision_config.image_size
+
+        frozen_prefix = self._frozen_prefix_length() if torch.is_grad_enabled() else 0
+        all_hidden_states = []
+        patch_tokens, gates_per_layer = [], []
+        prompt_probs = None
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_prefix == 0):
+            hidden_states = vision.embeddings(
+                pixel_values, interpolate_pos_encoding=(height, width) != (image_size, image_size)
+            )
+            hidden_states = vision.pre_layrnorm(hidden_states)
+        for index, layer in enumerate(vision.encoder.layers):
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and index >= frozen_prefix):
+                hidden_states = layer(hidden_states, None)
+            if str(index) in self.moa:
+                context, prompt_probs = self.semantic_context(hidden_states[:, 0], vision.post_layernorm)
+                hidden_states, gates = self.moa[str(index)](hidden_states, context)
+                gates_per_layer.append(gates)
+                patch_tokens.append(hidden_states[:, 1:])
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+
+        features = self.decoder(patch_tokens, grid, pixel_values)
+        depth, classification, regression, weight, bin_logits = self.head(features)
+        predicted_depth = F.interpolate(depth.unsqueeze(1), size=(height, width), mode="bilinear").squeeze(1)
+        predicted_depth = predicted_depth.clamp(self.config.min_depth, self.config.max_depth)
+
+        router_probs = torch.stack([g.mean(dim=1) for g in gates_per_layer], dim=1)
+        router_aux_loss = self._router_aux_loss(gates_per_layer)
+
+        loss, loss_components = None, None
+        if labels is not None:
+            loss, loss_components = self.compute_loss(predicted_depth, bin_logits, labels, router_aux_loss)
+
+        if not return_dict:
+            output = (predicted_depth,) + ((tuple(all_hidden_states),) if output_hidden_states else ())
+            return ((loss,) + output) if loss is not None else output
+        return MoADepthCLIPDepthEstimatorOutput(
+            loss=loss,
+            predicted_depth=predicted_depth,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            classification_depth=classification,
+            regression_depth=regression,
+            fusion_weight=weight,
+            bin_logits=bin_logits,
+            router_probs=router_probs,
+            prompt_probs=prompt_probs,
+            router_aux_loss=router_aux_loss,
+            loss_components=loss_components,
+        )
+
+    def _check_pixel_values(self, pixel_values):
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(f"pixel_values must be a tensor of shape (batch, channels, height, width), got {shape}")
+        channels = self.config.vision_config.num_channels
+        patch_size = self.config.vision_config.patch_size
+        if pixel_values.shape[1] != channels:
+            raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels, the model expects {channels}")
+        height, width = pixel_values.shape[-2:]
+        if height < patch_size or width < patch_size:
+            raise ValueError(
+                f"pixel_values is {height}x{width}; height and width must be at least the patch size {patch_size}"
+            )
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"pixel_values is {height}x{width}; height and width must be multiples of the patch size "
+                f"{patch_size} (the image processor resizes to such a size)"
+            )
+        return pixel_values
+
+    def _router_aux_loss(self, gates_per_layer):
+        if self.config.router_aux_loss == "entropy":
+            terms = [router_entropy_loss(g) for g in gates_per_layer]
+        else:
+            terms = [router_balance_loss(g) for g in gates_per_layer]
+        return torch.stack(terms).mean()
+
+    def compute_loss(self, predicted_depth, bin_logits, labels, router_aux_loss):
+        """The composite loss: each term of `config.loss_weights` on valid pixels, plus the weighted router loss."""
+        config = self.config
+        if labels.dim() == 4 and labels.shape[1] == 1:
+            labels = labels.squeeze(1)
+        if labels.dim() != 3 or labels.shape[0] != predicted_depth.shape[0]:
+            raise ValueError(
+                f"labels of shape {tuple(labels.shape)} cannot match predicted_depth of shape "
+                f"{tuple(predicted_depth.shape)}: expected (batch={predicted_depth.shape[0]}, height, width)"
+            )
+        labels = labels.to(device=predicted_depth.device, dtype=torch.float32)
+        prediction = predicted_depth.float()
+        if prediction.shape[-2:] != labels.shape[-2:]:
+            prediction = F.interpolate(prediction.unsqueeze(1), size=labels.shape[-2:], mode="bilinear").squeeze(1)
+        mask = valid_depth_mask(labels, config.max_depth, config.min_depth)
+
+        grid_depth, grid_mask = resize_depth_to_grid(labels, mask, tuple(bin_logits.shape[-2:]))
+        terms = {
+            "bin_ce": bin_cross_entropy_loss(
+                bin_logits, grid_depth, grid_mask, depth_bin_edges(config, device=labels.device)
+            ),
+            "l1": l1_loss(prediction, labels, mask),
+            "silog": silog_loss(prediction, labels, mask, variance_focus=config.silog_lambda),
+            "gradient": gradient_loss(prediction, labels, mask),
+            "ssim": ssim_loss(prediction, labels, mask, max_depth=config.max_depth),
+        }
+        loss = sum(config.loss_weights[name] * value for name, value in terms.items())
+        if config.router_aux_loss_coef > 0:
+            loss = loss + config.router_aux_loss_coef * router_aux_loss
+        components = {name: value.detach() for name, value in terms.items()}
+        components["router_aux"] = router_aux_loss.detach()
+        return loss, components
+
+
+__all__ = ["MoADepthCLIPForDepthEstimation", "MoADepthCLIPPreTrainedModel", "MoADepthCLIPDepthEstimatorOutput"]

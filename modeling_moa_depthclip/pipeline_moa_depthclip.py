@@ -1,0 +1,56 @@
+"""The `depth-estimation` pipeline, extended with metric depth as NumPy and a colour-mapped depth image."""
+
+import os
+
+import numpy as np
+from PIL import Image
+from transformers import DepthEstimationPipeline
+from transformers.image_utils import load_image
+
+from .image_processing_moa_depthclip import load_image_file
+from .visualization import colorize_depth, grayscale_depth
+
+
+class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
+    """`DepthEstimationPipeline` with richer, safer outputs; behaves like the stock pipeline otherwise.
+
+    Each result holds:
+    - `predicted_depth`: `torch.Tensor` `(height, width)` at the input image's size (metres for MoA-DepthCLIP);
+    - `metric_depth`: the same as a float32 NumPy array;
+    - `depth`: 8-bit greyscale `PIL.Image` (a constant map gives black instead of dividing by zero);
+    - `colored_depth`: RGB `PIL.Image`, Turbo colour map, near is red.
+
+    Local image paths are opened with `load_image_file`, so an unreadable file fails with one error naming it.
+    """
+
+    # depth models have no video processor; left unset, the loader would probe for one and ask about remote code
+    _load_video_processor = False
+
+    def preprocess(self, image, timeout=None):
+        if isinstance(image, (str, os.PathLike)) and not str(image).startswith(("http://", "https://", "data:")):
+            image = load_image_file(image)
+        elif not isinstance(image, Image.Image):
+            image = load_image(image, timeout)
+        model_inputs = self.image_processor(images=image, return_tensors="pt")
+        model_inputs = model_inputs.to(self.dtype)
+        model_inputs["target_size"] = image.size[::-1]
+        return model_inputs
+
+    def postprocess(self, model_outputs):
+        outputs = self.image_processor.post_process_depth_estimation(model_outputs, [model_outputs["target_size"]])
+        formatted = []
+        for output in outputs:
+            depth = output["predicted_depth"].detach().float().cpu()
+            array = depth.numpy().astype(np.float32)
+            formatted.append(
+                {
+                    "predicted_depth": depth,
+                    "metric_depth": array,
+                    "depth": grayscale_depth(array),
+                    "colored_depth": colorize_depth(array),
+                }
+            )
+        return formatted[0] if len(formatted) == 1 else formatted
+
+
+__all__ = ["MoADepthCLIPDepthEstimationPipeline"]
