@@ -35,10 +35,11 @@ def silog_loss(
     log_diff = torch.log(safe_pred.clamp_min(1e-6)) - torch.log(safe_target.clamp_min(1e-6))
     if mask.sum() == 0:
         return log_diff.sum() * 0.0
-    mean_sq = _masked_mean(log_diff**2, mask)
     mean = _masked_mean(log_diff, mask)
+    # E[d^2] - lambda E[d]^2 written as Var(d) + (1 - lambda) E[d]^2, which does not cancel in float32
+    variance = _masked_mean((log_diff - mean) ** 2, mask)
     # the clamp keeps sqrt differentiable when prediction == target up to a scale
-    return scale * torch.sqrt((mean_sq - variance_focus * mean**2).clamp_min(1e-8))
+    return scale * torch.sqrt((variance + (1.0 - variance_focus) * mean**2).clamp_min(1e-8))
 
 
 def gradient_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ class MoADepthCLIPDepthEstimatorOutput(DepthEstimatorOutput):
         Mean gate of each expert over the image's tokens, per MoA layer.
     prompt_probs (`torch.FloatTensor` of shape `(batch_size, num_prompts)`):
         The image's softmax similarity to each depth prompt (from the last MoA layer's context).
-    router_aux_loss (`torch.FloatTensor`, *optional*): The auxiliary router loss, unweighted.
+    router_aux_loss (`torch.FloatTensor`, *optional*): The auxiliary router loss, unweighted (with `labels`).
     loss_components (`dict[str, torch.FloatTensor]`, *optional*): Each unweighted loss term, detached.
     """
 
@@ -478,10 +478,10 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         predicted_depth = predicted_depth.clamp(self.config.min_depth, self.config.max_depth)
 
         router_probs = torch.stack([g.mean(dim=1) for g in gates_per_layer], dim=1)
-        router_aux_loss = self._router_aux_loss(gates_per_layer)
 
-        loss, loss_components = None, None
+        loss, loss_components, router_aux_loss = None, None, None
         if labels is not None:
+            router_aux_loss = self._router_aux_loss(gates_per_layer)
             loss, loss_components = self.compute_loss(predicted_depth, bin_logits, labels, router_aux_loss)
 
         if not return_dict:

@@ -26,14 +26,15 @@ def turbo(values: np.ndarray) -> np.ndarray:
 def normalize_depth(depth: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
     """Scale depth to [0, 1] over [vmin, vmax] (the finite range of `depth` by default).
 
-    A constant map gives all zeros instead of dividing by zero.
+    A constant map gives all zeros instead of dividing by zero; so does a map whose spread is only float rounding
+    (bilinear resizing of a constant map), which would otherwise be stretched into noise.
     """
     depth = np.asarray(depth, dtype=np.float64)
     finite = depth[np.isfinite(depth)]
     low = float(finite.min()) if vmin is None and finite.size else (vmin if vmin is not None else 0.0)
     high = float(finite.max()) if vmax is None and finite.size else (vmax if vmax is not None else 1.0)
     span = high - low
-    if not span > 0:
+    if not span > 1e-6 * max(abs(low), abs(high), 1.0):
         return np.zeros_like(depth)
     return np.nan_to_num(np.clip((depth - low) / span, 0.0, 1.0), nan=0.0)
 

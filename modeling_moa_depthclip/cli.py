@@ -1,0 +1,111 @@
+"""`moa-depthclip` command line: metric depth for image files.
+
+    moa-depthclip predict IMAGE... --model PATH_OR_HUB_ID --output-dir DIR [--overwrite]
+
+Per image it writes `<stem>_depth.png` (uint16, millimetres: the NYU convention), `<stem>_depth.npy` (float32,
+metres) and `<stem>_depth_color.png` (Turbo colour map, near is red). A bad image is reported in one line and
+skipped; the others are still processed.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .image_processing_moa_depthclip import ImageLoadError, load_image_file
+from .visualization import colorize_depth
+
+
+OUTPUT_SUFFIXES = ("_depth.png", "_depth.npy", "_depth_color.png")
+
+
+def _fail(message: str, code: int = 2):
+    print(f"moa-depthclip: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def load_depth_pipeline(model: str, device: str | None = None):
+    """The depth-estimation pipeline for a local folder or Hub id, or one clear error if it cannot load."""
+    import torch
+    from transformers import pipeline
+
+    import modeling_moa_depthclip  # noqa: F401  (registers the model with the auto classes)
+
+    if os.path.sep in model or model.startswith("."):
+        if not os.path.isdir(model):
+            _fail(f"model folder {model} does not exist")
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            _fail(f"model folder {model} has no config.json: not a saved model")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return pipeline("depth-estimation", model=model, device=device)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        _fail(f"cannot load model {model}: {first_line}")
+
+
+def depth_to_millimetres_png(depth_metres: np.ndarray) -> Image.Image:
+    """uint16 PNG in millimetres; values beyond 65.535 m saturate, invalid values become 0."""
+    millimetres = np.nan_to_num(depth_metres * 1000.0, nan=0.0, posinf=0.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(millimetres), 0, 65535).astype(np.uint16))
+
+
+def predict(args) -> int:
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    depth_pipeline = load_depth_pipeline(args.model, args.device)
+    failures = 0
+    stems_seen = set()
+    for image_path in args.images:
+        stem = Path(image_path).stem
+        targets = [output_dir / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES]
+        if stem in stems_seen:
+            print(f"moa-depthclip: error: {image_path}: another input has the same name {stem!r}; skipped",
+                  file=sys.stderr)
+            failures += 1
+            continue
+        stems_seen.add(stem)
+        existing = [str(t) for t in targets if t.exists()]
+        if existing and not args.overwrite:
+            print(f"moa-depthclip: error: {existing[0]} exists (pass --overwrite to replace it); "
+                  f"skipped {image_path}", file=sys.stderr)
+            failures += 1
+            continue
+        try:
+            image = load_image_file(image_path)
+        except ImageLoadError as error:
+            print(f"moa-depthclip: error: {error}", file=sys.stderr)
+            failures += 1
+            continue
+        depth = depth_pipeline(image)["metric_depth"]
+        depth_to_millimetres_png(depth).save(targets[0])
+        np.save(targets[1], depth.astype(np.float32))
+        colorize_depth(depth).save(targets[2])
+        print(f"{image_path}: depth {depth.min():.2f}-{depth.max():.2f} m -> {targets[0]}")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moa-depthclip", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    predict_parser = commands.add_parser("predict", help="predict metric depth for image files")
+    predict_parser.add_argument("images", nargs="+", help="image files")
+    predict_parser.add_argument("--model", required=True, help="saved model folder or Hugging Face Hub id")
+    predict_parser.add_argument("--output-dir", required=True, help="folder for the depth files")
+    predict_parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    predict_parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    predict_parser.set_defaults(func=predict)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests must never reach the network (hub downloads would hang or flake offline).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NYU_SAMPLE_ENV = "MOA_DEPTHCLIP_NYU_SAMPLE"
+
+
+def _nyu_sample_path() -> Path:
+    env = os.environ.get(NYU_SAMPLE_ENV)
+    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data" / "nyu_eigen_test_sample"
+
+
+@pytest.fixture(scope="session")
+def nyu_sample_dir() -> Path:
+    """Folder with the 25 real NYU Depth V2 test frames (DenseDepth layout); skips if absent."""
+    path = _nyu_sample_path()
+    if not (path / "index.csv").is_file():
+        pytest.skip(f"NYU sample frames not found at {path} (set {NYU_SAMPLE_ENV} to the folder with index.csv)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def nyu_sample_dataset(nyu_sample_dir):
+    """The shared NYU frames loaded once per session as a list of example dicts."""
+    from modeling_moa_depthclip.data import load_depth_dataset
+
+    dataset = load_depth_dataset(nyu_sample_dir, split="test")
+    return [dataset[i] for i in range(len(dataset))]
