@@ -10,6 +10,9 @@ Supported sources (see :func:`load_clip_source`):
 * an OpenAI TorchScript archive (the official ``ViT-B-32.pt`` files), read without running its code;
 * a loose HF-layout weights file (``vision_model.*``/``text_model.*``).
 
+:func:`load_clip_checkpoint` also reports the layout and file format it found; :func:`openai_visual_to_hf`
+converts an image tower alone (``visual.*`` keys without a text tower, e.g. a fine-tuned open_clip visual).
+
 Only ViT image towers are supported: transformers' ``CLIPVisionModel`` has no counterpart of the
 ModifiedResNet towers (RN50, RN101, ...), so those raise ``ValueError``.
 
@@ -31,23 +34,27 @@ import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from safetensors.torch import load_file as load_safetensors
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 __all__ = [
+    "ClipCheckpoint",
     "Layout",
     "OPENAI_CLIP_TOKENIZER",
     "TorchScriptNotTrustedError",
     "TorchScriptReadError",
     "detect_layout",
+    "load_clip_checkpoint",
     "load_clip_source",
     "openai_to_hf_clip",
+    "openai_visual_to_hf",
     "read_torchscript_state_dict",
     "unwrap_state_dict",
     "vision_state_dict",
+    "VisualConversion",
 ]
 
 Layout = Literal["hf", "openai", "open_clip"]
@@ -199,6 +206,66 @@ def openai_to_hf_clip(
     return converted, config
 
 
+class VisualConversion(NamedTuple):
+    """The image tower of an OpenAI-layout checkpoint in transformers form (see :func:`openai_visual_to_hf`)."""
+
+    vision_state_dict: dict[str, torch.Tensor]  # CLIPVisionModel keys (``embeddings.*``, ``encoder.layers.N.*``)
+    visual_projection: torch.Tensor  # ``visual_projection.weight``, [projection_dim, hidden_size]
+    vision_config: CLIPVisionConfig
+    key_map: dict[str, list[str]]  # OpenAI key -> the ``CLIPModel`` keys it became
+
+
+def openai_visual_to_hf(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    vision_heads: int | None = None,
+    hidden_act: str = "quick_gelu",
+) -> VisualConversion:
+    """Convert only the image tower (``visual.*`` keys) of an OpenAI/open_clip-layout CLIP ViT.
+
+    For checkpoints that carry the image tower without a text tower, e.g. models fine-tuned from
+    ``open_clip``'s ``model.visual``. Same tensor transforms and config inference as
+    :func:`openai_to_hf_clip`; every key must start with ``visual.`` and be converted, otherwise
+    ``ValueError`` names the missing and unexpected keys.
+    """
+    sd = dict(state_dict)
+    vision = _infer_openai_vision_config(sd, vision_heads, hidden_act)
+    config = CLIPVisionConfig(**vision)
+    remaining = dict(sd)
+    converted: dict[str, torch.Tensor] = {}
+    key_map: dict[str, list[str]] = {}
+    missing: list[str] = []
+    for src, dst, transform in _openai_vision_plan(config.num_hidden_layers):
+        if src not in remaining:
+            missing.append(src)
+            continue
+        out = transform(remaining.pop(src), dst)
+        converted.update(out)
+        key_map[src] = list(out)
+    if missing or remaining:
+        raise ValueError(
+            "CLIP image tower does not match the OpenAI ViT layout: " + _key_report(missing, list(remaining))
+        )
+    projection = converted.pop("visual_projection.weight")
+    prefix = "vision_model."
+    vision_sd = {k[len(prefix):]: v for k, v in converted.items()}
+    with torch.device("meta"):
+        reference = CLIPVisionModel(config).state_dict()
+    mismatched = [
+        f"{k}: checkpoint {tuple(vision_sd[k].shape)} vs model {tuple(reference[k].shape)}"
+        for k in sorted(reference)
+        if k in vision_sd and vision_sd[k].shape != reference[k].shape
+    ]
+    absent = sorted(set(reference) - set(vision_sd))
+    if mismatched or absent:
+        raise ValueError(
+            "CLIP image tower does not match CLIPVisionModel: "
+            + (_key_report([prefix + k for k in absent], []) + "; " if absent else "")
+            + (f"shape mismatches {_truncated(mismatched)}" if mismatched else "")
+        )
+    return VisualConversion(vision_sd, projection, config, key_map)
+
+
 def _lift_open_clip_text_tower(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # open_clip's CustomTextCLIP keeps the text tower under `text.`; key names inside are OpenAI's.
     if "text.token_embedding.weight" not in sd:
@@ -229,32 +296,40 @@ def _split_qkv(t: torch.Tensor, dst: str) -> dict[str, torch.Tensor]:
     return {dst.format("q"): q, dst.format("k"): k, dst.format("v"): v}
 
 
-def _openai_plan(config: CLIPConfig) -> list[tuple[str, str, Callable]]:
-    """(OpenAI key, HF key, transform) for every tensor ``CLIPModel`` needs."""
+def _openai_blocks_plan(src: str, dst: str, n: int):
+    for i in range(n):
+        s, d = f"{src}.{i}", f"{dst}.{i}"
+        for kind in ("weight", "bias"):
+            yield f"{s}.attn.in_proj_{kind}", f"{d}.self_attn.{{}}_proj.{kind}", _split_qkv
+            for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                         ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"), ("ln_2", "layer_norm2")):
+                yield f"{s}.{a}.{kind}", f"{d}.{b}.{kind}", _copy
 
-    def blocks(src: str, dst: str, n: int):
-        for i in range(n):
-            s, d = f"{src}.{i}", f"{dst}.{i}"
-            for kind in ("weight", "bias"):
-                yield f"{s}.attn.in_proj_{kind}", f"{d}.self_attn.{{}}_proj.{kind}", _split_qkv
-                for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
-                             ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"), ("ln_2", "layer_norm2")):
-                    yield f"{s}.{a}.{kind}", f"{d}.{b}.{kind}", _copy
 
-    v, t = "vision_model", "text_model"
-    plan = [
+def _openai_vision_plan(num_layers: int) -> list[tuple[str, str, Callable]]:
+    """(OpenAI key, ``CLIPModel`` key, transform) for every tensor of the image tower and its projection."""
+    v = "vision_model"
+    return [
         ("visual.class_embedding", f"{v}.embeddings.class_embedding", _copy),
         ("visual.conv1.weight", f"{v}.embeddings.patch_embedding.weight", _copy),
         ("visual.positional_embedding", f"{v}.embeddings.position_embedding.weight", _copy),
         ("visual.ln_pre.weight", f"{v}.pre_layrnorm.weight", _copy),
         ("visual.ln_pre.bias", f"{v}.pre_layrnorm.bias", _copy),
-        *blocks("visual.transformer.resblocks", f"{v}.encoder.layers", config.vision_config.num_hidden_layers),
+        *_openai_blocks_plan("visual.transformer.resblocks", f"{v}.encoder.layers", num_layers),
         ("visual.ln_post.weight", f"{v}.post_layernorm.weight", _copy),
         ("visual.ln_post.bias", f"{v}.post_layernorm.bias", _copy),
         ("visual.proj", "visual_projection.weight", _transpose),
+    ]
+
+
+def _openai_plan(config: CLIPConfig) -> list[tuple[str, str, Callable]]:
+    """(OpenAI key, HF key, transform) for every tensor ``CLIPModel`` needs."""
+    t = "text_model"
+    plan = [
+        *_openai_vision_plan(config.vision_config.num_hidden_layers),
         ("token_embedding.weight", f"{t}.embeddings.token_embedding.weight", _copy),
         ("positional_embedding", f"{t}.embeddings.position_embedding.weight", _copy),
-        *blocks("transformer.resblocks", f"{t}.encoder.layers", config.text_config.num_hidden_layers),
+        *_openai_blocks_plan("transformer.resblocks", f"{t}.encoder.layers", config.text_config.num_hidden_layers),
         ("ln_final.weight", f"{t}.final_layer_norm.weight", _copy),
         ("ln_final.bias", f"{t}.final_layer_norm.bias", _copy),
         ("text_projection", "text_projection.weight", _transpose),
@@ -276,33 +351,14 @@ def _infer_openai_config(
     if absent:
         raise ValueError("cannot infer the CLIP architecture: " + _key_report(absent, []))
 
-    conv = sd["visual.conv1.weight"]
-    width, channels, patch, patch_w = conv.shape
-    if patch != patch_w:
-        raise ValueError(f"non-square patch kernel {tuple(conv.shape[-2:])} is not supported by CLIPVisionModel")
-    grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
-    if grid * grid + 1 != sd["visual.positional_embedding"].shape[0]:
-        raise ValueError("visual.positional_embedding does not hold 1 + a square number of positions")
-    embed_dim = sd["visual.proj"].shape[1]
+    vision = _infer_openai_vision_config(sd, vision_heads, hidden_act)
+    embed_dim = vision["projection_dim"]
     text_vocab, text_width = sd["token_embedding.weight"].shape
     if sd["text_projection"].shape[1] != embed_dim:
         raise ValueError(
             f"image and text embedding sizes differ ({embed_dim} vs {sd['text_projection'].shape[1]}); "
             "CLIPConfig has a single projection_dim"
         )
-
-    vision = dict(
-        hidden_size=width,
-        intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-        num_hidden_layers=_count_blocks(sd, "visual.transformer.resblocks."),
-        num_attention_heads=vision_heads or _heads(width, "vision"),
-        num_channels=channels,
-        image_size=grid * patch,
-        patch_size=patch,
-        projection_dim=embed_dim,
-        hidden_act=hidden_act,
-        layer_norm_eps=1e-5,
-    )
     text = dict(
         vocab_size=text_vocab,
         hidden_size=text_width,
@@ -318,6 +374,36 @@ def _infer_openai_config(
         pad_token_id=0,  # OpenAI's tokenizer pads with 0
     )
     return CLIPConfig(vision_config=vision, text_config=text, projection_dim=embed_dim)
+
+
+def _infer_openai_vision_config(sd: Mapping[str, torch.Tensor], vision_heads: int | None, hidden_act: str) -> dict:
+    """``CLIPVisionConfig`` keyword arguments implied by the shapes of an OpenAI-layout image tower."""
+    needed = [
+        "visual.conv1.weight", "visual.positional_embedding", "visual.proj",
+        "visual.transformer.resblocks.0.mlp.c_fc.weight",
+    ]  # fmt: skip
+    absent = [k for k in needed if k not in sd]
+    if absent:
+        raise ValueError("cannot infer the CLIP image tower: " + _key_report(absent, []))
+    conv = sd["visual.conv1.weight"]
+    width, channels, patch, patch_w = conv.shape
+    if patch != patch_w:
+        raise ValueError(f"non-square patch kernel {tuple(conv.shape[-2:])} is not supported by CLIPVisionModel")
+    grid = math.isqrt(sd["visual.positional_embedding"].shape[0] - 1)
+    if grid * grid + 1 != sd["visual.positional_embedding"].shape[0]:
+        raise ValueError("visual.positional_embedding does not hold 1 + a square number of positions")
+    return dict(
+        hidden_size=width,
+        intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        num_hidden_layers=_count_blocks(sd, "visual.transformer.resblocks."),
+        num_attention_heads=vision_heads or _heads(width, "vision"),
+        num_channels=channels,
+        image_size=grid * patch,
+        patch_size=patch,
+        projection_dim=sd["visual.proj"].shape[1],
+        hidden_act=hidden_act,
+        layer_norm_eps=1e-5,
+    )
 
 
 def _heads(width: int, tower: str) -> int:
@@ -628,6 +714,36 @@ _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 _HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 
+class ClipCheckpoint(NamedTuple):
+    """What :func:`load_clip_checkpoint` read: the weights, and where and in which form they were found."""
+
+    state_dict: dict[str, torch.Tensor]  # CLIPModel keys
+    config: CLIPConfig
+    tokenizer_hint: str | None
+    layout: Layout  # of the stored weights ("hf" for folders and Hub ids)
+    source_format: str  # "folder", "hub", "torchscript", "pickle" or "safetensors"
+
+
+def load_clip_checkpoint(
+    source: str | os.PathLike,
+    *,
+    trust_torchscript: bool = False,
+    hidden_act: str = "quick_gelu",
+) -> ClipCheckpoint:
+    """:func:`load_clip_source`, also reporting the layout and file format that were found."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return ClipCheckpoint(*_load_pretrained(str(path), local_folder=path), "hf", "folder")
+    if path.is_file():
+        sd, config, layout, source_format = _load_file(
+            path, trust_torchscript=trust_torchscript, hidden_act=hidden_act
+        )
+        return ClipCheckpoint(sd, config, _tokenizer_hint(config), layout, source_format)
+    if _looks_like_hub_id(str(source)):
+        return ClipCheckpoint(*_load_pretrained(str(source), local_folder=None), "hf", "hub")
+    raise FileNotFoundError(f"CLIP checkpoint not found: {source}")
+
+
 def load_clip_source(
     source: str | os.PathLike,
     *,
@@ -656,15 +772,8 @@ def load_clip_source(
     tokenizer from: the folder (if it has tokenizer files) or Hub id itself, else
     ``OPENAI_CLIP_TOKENIZER`` for the standard 49408-token CLIP vocabulary, else ``None``.
     """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return _load_pretrained(str(path), local_folder=path)
-    if path.is_file():
-        sd, config = _load_file(path, trust_torchscript=trust_torchscript, hidden_act=hidden_act)
-        return sd, config, _tokenizer_hint(config)
-    if _looks_like_hub_id(str(source)):
-        return _load_pretrained(str(source), local_folder=None)
-    raise FileNotFoundError(f"CLIP checkpoint not found: {source}")
+    checkpoint = load_clip_checkpoint(source, trust_torchscript=trust_torchscript, hidden_act=hidden_act)
+    return checkpoint.state_dict, checkpoint.config, checkpoint.tokenizer_hint
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -696,17 +805,22 @@ def _load_pretrained(source: str, local_folder: Path | None) -> tuple[dict[str, 
     return state_dict, model.config, hint
 
 
-def _load_file(path: Path, *, trust_torchscript: bool, hidden_act: str) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
+def _load_file(
+    path: Path, *, trust_torchscript: bool, hidden_act: str
+) -> tuple[dict[str, torch.Tensor], CLIPConfig, Layout, str]:
     name = path.name.lower()
     if name.endswith(".safetensors"):
         raw: Mapping = load_safetensors(str(path), device="cpu")
+        source_format = "safetensors"
     elif name.endswith(_TORCH_SUFFIXES):
+        source_format = "torchscript" if _is_torchscript_archive(path) else "pickle"
         raw = _torch_load(path, trust_torchscript)
     else:
         raise ValueError(f"unsupported CLIP checkpoint file type: {path} (expected .safetensors, .pt, .pth or .bin)")
 
-    if detect_layout(raw) != "hf":
-        return openai_to_hf_clip(raw, hidden_act=hidden_act)
+    layout = detect_layout(raw)
+    if layout != "hf":
+        return *openai_to_hf_clip(raw, hidden_act=hidden_act), layout, source_format
     sd, _ = unwrap_state_dict(raw)
     config_file = path.parent / "config.json"
     config = None
@@ -719,7 +833,7 @@ def _load_file(path: Path, *, trust_torchscript: bool, hidden_act: str) -> tuple
             stacklevel=3,
         )
         config = _hf_config_from_state_dict(sd, hidden_act)
-    return _validate_hf(sd, config), config
+    return _validate_hf(sd, config), config, layout, source_format
 
 
 def _torch_load(path: Path, trust_torchscript: bool) -> Mapping:

@@ -390,10 +390,11 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
         # loading materialises fresh parameters; restore the configuration's trainable set on them
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
         model.apply_trainable_mask()
-        return model
+        return loaded
 
     def is_trainable_parameter(self, name: str) -> bool:
         """Everything outside the CLIP tower trains; inside it, only the last `num_unfrozen_layers` blocks."""

@@ -238,6 +238,9 @@ def test_save_and_load_reproduce_outputs_prompts_and_the_trainable_set(tmp_path)
     assert loaded.num_parameters(only_trainable=True) == model.num_parameters(only_trainable=True)
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
         n for n, p in model.named_parameters() if p.requires_grad}
+    with_info, info = MoADepthCLIPForDepthEstimation.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert with_info.num_parameters(only_trainable=True) == model.num_parameters(only_trainable=True)
 
 
 def _readme_figure(label):
