@@ -1,0 +1,1002 @@
+#!/usr/bin/env python
+"""Fine-tune MoA-DepthCLIP for metric depth with accelerate, then evaluate it.
+
+    accelerate launch --cpu --num_processes 1 examples/train.py          # the README's main job (a few minutes)
+    python examples/train.py --model PATH --dataset sayakpaul/nyu_depth_v2 --max_train_steps 20000
+    accelerate launch examples/train.py --resume_from_checkpoint latest  # continue an interrupted run exactly
+
+With no flags it trains the default ViT-B/32 configuration on the built-in synthetic indoor scenes (a randomly
+initialised CLIP backbone unless a pretrained CLIP is in the local Hugging Face cache, with a warning saying so),
+then evaluates the best checkpoint on the synthetic test scenes and on the real NYU frames in
+`../shared/data/nyu_eigen_test_sample` when present.
+
+The recipe follows the paper: AdamW with two learning rates (1e-4 for the Mixture-of-Adapters, semantic context,
+decoder and head; 1e-5 for the unfrozen CLIP blocks, i.e. every trainable `vision_model.*` parameter), weight
+decay 0.01 except on biases and norms, batch 8, linear warm-up then cosine decay, mixed precision and gradient
+accumulation through accelerate.
+
+Layout of `--output_dir` (default `outputs/train`):
+
+    train_args.json           the arguments (also marks the folder as this script's)
+    checkpoints/step_N/       accelerate.save_state every --checkpointing_steps (the last --checkpoints_total_limit)
+    logs/                     TensorBoard: loss and its parts, learning rates, router usage, eval metrics
+    best/                     model + image processor with the lowest eval --metric_for_best_model
+    final/                    model + image processor after the last step
+    eval/<dataset>/           metrics.json, metrics.md, per_image_metrics.csv, samples.png of the final evaluation
+    metrics.json, metrics.md  the final evaluation of every test dataset, one row each
+    loss_curve.png            training loss (and eval metric) against the step
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a small CPU machine shared with
+# another busy torch process, spinning threads made a ViT-B/32 training step (batch 8, 2 cores) take 10 s instead of
+# 1.45 s; on an idle machine sleeping costs ~15 % (0.86 s instead of 0.74 s). An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+EXAMPLES_DIR = Path(__file__).resolve().parent
+REPO_ROOT = EXAMPLES_DIR.parent
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(1, str(REPO_ROOT))
+
+
+def _load_evaluate_module():
+    """examples/evaluate.py, imported by path under a unique name (the Hub's `evaluate` package may be installed)."""
+    name = "moa_depthclip_examples_evaluate"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES_DIR / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+moa_eval = _load_evaluate_module()
+
+from modeling_moa_depthclip import (  # noqa: E402
+    MoADepthCLIPConfig,
+    MoADepthCLIPForDepthEstimation,
+    MoADepthCLIPImageProcessor,
+)
+from modeling_moa_depthclip.data import DepthAugmentation  # noqa: E402
+
+
+logger = logging.getLogger("moa_depthclip.train")
+
+CONFIG_NAMES = ("default", "paper", "tiny")
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+RUN_MARKER = "train_args.json"
+SCRIPT_ID = "moa-depthclip examples/train.py"
+# The README's main command (no flags) must finish in a few minutes on 2 CPU cores: see --max_train_steps.
+DEFAULT_MAX_TRAIN_STEPS = 150
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{Path(__file__).name}",
+        description="Fine-tune MoA-DepthCLIP (CLIP ViT-B/32 + prompt-guided Mixture-of-Adapters) for metric depth.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=None, help="checkpoint folder or Hub id to start from (a converted model)")
+    model.add_argument(
+        "--config_name", default="default",
+        help="without --model: build from 'default' (ViT-B/32, multi-scale decoder), 'paper' (the authors' 7x7 "
+        "patch-grid decoder), 'tiny' (examples/configs/tiny.json) or a config JSON path",
+    )
+    model.add_argument(
+        "--clip_model", default=DEFAULT_CLIP,
+        help="without --model: pretrained CLIP (folder or Hub id, looked up locally only, never downloaded) whose "
+        "vision tower, visual projection and prompt text features initialise the model; if absent the CLIP backbone "
+        "is randomly initialised (with a warning)",
+    )
+    model.add_argument("--gradient_checkpointing", action="store_true", help="recompute CLIP blocks in backward")
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset", default="synthetic",
+        help="'synthetic' (built-in rendered rooms), a DenseDepth/BTS folder, a save_to_disk folder or a Hub id",
+    )
+    data.add_argument("--train_split", default="train")
+    data.add_argument(
+        "--eval_split", default=None,
+        help="split for periodic evaluation and best-model selection; default: 'validation' for synthetic and Hub "
+        "datasets (falling back to 'test'), 'test' for local folders; 'none' disables it",
+    )
+    data.add_argument(
+        "--test_datasets", nargs="*", default=None,
+        help="final evaluation after training, each 'SOURCE' or 'SOURCE:SPLIT'; default: the training dataset's "
+        "test split and the shared NYU frames (../shared/data/nyu_eigen_test_sample) if present; 'none' skips it",
+    )
+    data.add_argument("--max_train_samples", type=_positive_int, default=None,
+                      help="use the first N training examples (synthetic: N scenes; default 200)")
+    data.add_argument("--max_eval_samples", type=_positive_int, default=None,
+                      help="use the first N eval examples (synthetic default 24)")
+    data.add_argument(
+        "--input_size", type=_positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
+        help="model input size (multiples of the patch size); default: the checkpoint's image processor, or "
+        "image_size x image_size of the config (224x224 for ViT-B/32)",
+    )
+    data.add_argument(
+        "--labels_at_native_resolution", action="store_true",
+        help="keep the ground truth at the dataset's resolution (the model resizes its prediction to it) instead "
+        "of resizing it to the input size with nearest neighbour",
+    )
+    data.add_argument(
+        "--synthetic_size", type=_positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=(240, 320),
+        help="render size of synthetic training/validation scenes (the synthetic test split is rendered at 480x640)",
+    )
+    data.add_argument("--no_augmentation", action="store_true", help="train without DepthAugmentation")
+    data.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0)
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--per_device_train_batch_size", type=_positive_int, default=8)
+    optim.add_argument("--per_device_eval_batch_size", type=_positive_int, default=8)
+    optim.add_argument("--learning_rate", type=_positive_float, default=1e-4,
+                       help="MoA, semantic context, decoder and head")
+    optim.add_argument("--backbone_learning_rate", type=_positive_float, default=1e-5,
+                       help="unfrozen CLIP blocks (vision_model.*)")
+    optim.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
+    optim.add_argument(
+        "--max_train_steps", type=_positive_int, default=None,
+        help=f"optimizer steps; overrides --num_train_epochs; default {DEFAULT_MAX_TRAIN_STEPS} when neither is given",
+    )
+    optim.add_argument("--num_train_epochs", type=_positive_int, default=None)
+    optim.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    optim.add_argument(
+        "--lr_scheduler_type", default="cosine",
+        choices=["cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial"],
+        help="transformers get_scheduler name (after linear warm-up)",
+    )
+    optim.add_argument("--num_warmup_steps", type=_non_negative_int, default=None,
+                       help="linear warm-up steps; default 5%% of the training steps")
+    optim.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
+                       help="passed to Accelerator; default: accelerate launch's setting")
+    optim.add_argument("--seed", type=int, default=42)
+
+    run = parser.add_argument_group("checkpoints, evaluation, logging")
+    run.add_argument("--output_dir", default="outputs/train")
+    run.add_argument("--overwrite_output_dir", action="store_true",
+                     help="write into a non-empty --output_dir that is not from a previous run of this script")
+    run.add_argument("--checkpointing_steps", type=_non_negative_int, default=100,
+                     help="accelerate.save_state every N steps into output_dir/checkpoints/step_N (0: never)")
+    run.add_argument("--checkpoints_total_limit", type=_non_negative_int, default=2,
+                     help="keep only the last N checkpoints (0: keep all)")
+    run.add_argument("--resume_from_checkpoint", default=None,
+                     help="'latest' (the newest in output_dir/checkpoints) or a step_N folder")
+    run.add_argument(
+        "--stop_after_steps", type=_positive_int, default=None,
+        help="end this run after this many steps (counted from the start of training), saving a checkpoint and "
+        "skipping the final evaluation: for time-boxed jobs; the schedule still follows --max_train_steps",
+    )
+    run.add_argument("--eval_steps", type=_non_negative_int, default=50,
+                     help="evaluate on the eval split every N steps and after the last step (0: only after the last)")
+    run.add_argument("--metric_for_best_model", choices=["abs_rel", "rmse"], default="abs_rel")
+    run.add_argument("--eval_crop", choices=["eigen", "garg", "none"], default="eigen")
+    run.add_argument("--flip_average", action="store_true", help="flip averaging in the final evaluation")
+    run.add_argument("--final_eval_model", choices=["best", "final"], default="best",
+                     help="which weights the final evaluation scores")
+    run.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard",
+                     help="TensorBoard logging (skipped with a notice if tensorboard is not installed)")
+    run.add_argument("--num_visual_samples", type=_non_negative_int, default=4, help="frames per samples.png")
+    return parser
+
+
+def parse_test_datasets(values: Sequence[str] | None, args) -> list[tuple[str, str]]:
+    if values is not None and [v.lower() for v in values] in (["none"], []):
+        return []
+    if values is None:
+        specs = [(args.dataset, "test")]
+        nyu = moa_eval.default_nyu_sample_dir()
+        if nyu is not None and _same_path(args.dataset, nyu) is False:
+            specs.append((str(nyu), "test"))
+        return specs
+    specs = []
+    for value in values:
+        source, _, split = value.rpartition(":") if ":" in value and not os.path.exists(value) else (value, "", "")
+        specs.append((source, split or "test"))
+    return specs
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return os.path.exists(a) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+
+
+def build_config(config_name: str) -> MoADepthCLIPConfig:
+    if config_name == "default":
+        return MoADepthCLIPConfig()
+    if config_name == "paper":
+        return MoADepthCLIPConfig(decoder="paper")
+    path = EXAMPLES_DIR / "configs" / "tiny.json" if config_name == "tiny" else Path(config_name).expanduser()
+    if not path.is_file():
+        raise ValueError(f"config {config_name!r} is neither one of {list(CONFIG_NAMES)} nor a JSON file")
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config file {path} is not valid JSON: {error}") from None
+    settings = {k: v for k, v in settings.items() if not k.startswith("_comment")}
+    settings.pop("model_type", None)
+    try:
+        return MoADepthCLIPConfig(**settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config file {path}: {error}") from None
+
+
+@torch.no_grad()
+def init_from_local_clip(model: MoADepthCLIPForDepthEstimation, clip_source: str, explicit: bool) -> str | None:
+    """Copy a locally available pretrained CLIP into a freshly built model; returns what was loaded, or None.
+
+    The vision tower goes to `vision_model`, CLIP's visual projection to the semantic context's image projection,
+    and the CLIP text features of the depth prompts to `prompt_embeddings` (if a tokenizer is available too).
+    Nothing is downloaded (`local_files_only=True`).
+    """
+    from transformers import AutoTokenizer, CLIPModel
+
+    try:
+        clip = CLIPModel.from_pretrained(clip_source, local_files_only=True)
+    except Exception as error:  # not cached / not a CLIP folder: the caller warns about random init
+        if explicit and os.path.exists(os.path.expanduser(clip_source)):
+            raise ValueError(f"--clip_model {clip_source}: cannot load a CLIPModel from it ({error})") from None
+        return None
+    vision = model.config.vision_config
+    theirs = clip.config.vision_config
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "num_channels")
+    mismatched = [f"{f}: model {getattr(vision, f)} vs CLIP {getattr(theirs, f)}" for f in fields
+                  if getattr(vision, f) != getattr(theirs, f)]
+    if mismatched:
+        if explicit:
+            raise ValueError(f"--clip_model {clip_source} does not match the model config ({'; '.join(mismatched)})")
+        return None
+    model.vision_model.load_state_dict(clip.vision_model.state_dict())
+    loaded = "vision tower"
+    projection = model.semantic_context.image_projection
+    if projection.weight.shape == clip.visual_projection.weight.shape:
+        projection.weight.copy_(clip.visual_projection.weight)
+        loaded += ", visual projection"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(clip_source, local_files_only=True)
+        tokens = tokenizer(list(model.config.depth_prompts), padding=True, return_tensors="pt")
+        features = clip.get_text_features(**tokens)
+        features = getattr(features, "pooler_output", features)
+        if features.shape == model.semantic_context.prompt_embeddings.shape:
+            model.semantic_context.prompt_embeddings.copy_(F.normalize(features.float(), dim=-1))
+            loaded += ", prompt text features"
+    except Exception as error:  # no tokenizer files: the prompts stay placeholders
+        logger.warning(f"no CLIP tokenizer with {clip_source} ({type(error).__name__}); prompt embeddings stay placeholders")
+    model.apply_trainable_mask()
+    return loaded
+
+
+def load_or_build_model(args, parser):
+    """(model, image_processor, description) from --model, or from --config_name (+ a local CLIP if available)."""
+    if args.model is not None:
+        try:
+            model, image_processor = moa_eval.load_model_and_processor(args.model)
+        except ValueError as error:
+            parser.error(f"--model: {error}")
+        model.apply_trainable_mask()
+        return model, image_processor, f"checkpoint {args.model}"
+    try:
+        config = build_config(args.config_name)
+    except ValueError as error:
+        parser.error(f"--config_name: {error}")
+    model = MoADepthCLIPForDepthEstimation(config)
+    size = config.vision_config.image_size
+    image_processor = MoADepthCLIPImageProcessor(
+        size={"height": size, "width": size}, size_divisor=config.vision_config.patch_size
+    )
+    explicit = args.clip_model != DEFAULT_CLIP
+    try:
+        loaded = init_from_local_clip(model, args.clip_model, explicit)
+    except ValueError as error:
+        parser.error(str(error))
+    if loaded:
+        logger.info(f"initialised the {loaded} from the local pretrained CLIP {args.clip_model}")
+        return model, image_processor, f"config {args.config_name} + pretrained CLIP {args.clip_model}"
+    logger.warning(
+        "WARNING: no pretrained CLIP available locally (%s is not in the Hugging Face cache or does not match the "
+        "'%s' config): the CLIP backbone of the model is RANDOMLY INITIALISED. Depth quality will be far below the "
+        "paper's; pass --model with a converted checkpoint or --clip_model with a local CLIP for real fine-tuning.",
+        args.clip_model, args.config_name,
+    )
+    return model, image_processor, f"config {args.config_name} (random CLIP backbone)"
+
+
+def parameter_groups(model, learning_rate: float, backbone_learning_rate: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: {head, backbone} x {decay, no decay}; trainable parameters only, empty groups dropped.
+
+    `head` = everything outside `vision_model.` (MoA, semantic context, decoder, head) at `learning_rate`;
+    `backbone` = the unfrozen CLIP blocks at `backbone_learning_rate`. Biases and norm weights (any parameter with
+    fewer than 2 dimensions or named `*bias`) get no weight decay.
+    """
+    groups = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        part = "backbone" if name.startswith("vision_model.") else "head"
+        decay = parameter.ndim >= 2 and not name.endswith("bias") and "norm" not in name.lower()
+        key = (part, decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "lr": backbone_learning_rate if part == "backbone" else learning_rate,
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": f"{part}{'' if decay else '_no_decay'}",
+            }
+        groups[key]["params"].append(parameter)
+    order = [("head", True), ("head", False), ("backbone", True), ("backbone", False)]
+    return [groups[key] for key in order if key in groups]
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+
+
+class EpochShuffleSampler(Sampler):
+    """A seeded random order per epoch, reproducible from `(seed, epoch)` alone.
+
+    Yields `epoch * n + index` so the dataset knows the epoch of each draw (and seeds its augmentation with it)
+    even inside DataLoader workers; accelerate's `DataLoaderShard.set_epoch` reaches `set_epoch` here.
+    """
+
+    def __init__(self, num_examples: int, seed: int, shuffle: bool = True):
+        self.num_examples, self.seed, self.shuffle, self.epoch = num_examples, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        order = np.arange(self.num_examples)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_examples)
+        offset = self.epoch * self.num_examples
+        return iter((offset + order).tolist())
+
+    def __len__(self):
+        return self.num_examples
+
+
+class _SeededAugmentation(DepthAugmentation):
+    """`DepthAugmentation` whose parameters for one draw come from a generator seeded by (seed, epoch, index).
+
+    The parent re-seeds its generator per DataLoader worker and draws sequentially, so its output depends on how
+    many samples a worker drew before; here every sample's augmentation is a function of (seed, epoch, index) only,
+    which is what makes an interrupted and resumed run see exactly the same data as an uninterrupted one.
+    """
+
+    def params_for(self, seed: int, epoch: int, index: int) -> dict:
+        self.rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index)])
+        return self.sample_params()
+
+    def _generator(self):
+        return self.rng
+
+
+class TrainingExamples(Dataset):
+    """Training view of a depth dataset: keys `epoch * n + index` -> augmented example; base examples cached."""
+
+    def __init__(self, base, augmentation: _SeededAugmentation | None, seed: int, cache: bool):
+        self.base, self.augmentation, self.seed = base, augmentation, seed
+        self.num_examples = len(base)
+        self._cache: dict[int, dict] | None = {} if cache else None
+
+    def __len__(self):
+        return self.num_examples
+
+    def _example(self, index: int) -> dict:
+        if self._cache is None:
+            return self.base[index]
+        if index not in self._cache:
+            self._cache[index] = self.base[index]
+        return self._cache[index]
+
+    def __getitem__(self, key: int) -> dict:
+        epoch, index = divmod(int(key), self.num_examples)
+        example = self._example(index)
+        if self.augmentation is None:
+            return example
+        params = self.augmentation.params_for(self.seed, epoch, index)
+        image, depth = self.augmentation.apply(example["image"], example["depth"], params)
+        return {"image": image, "depth": depth, "name": example["name"]}
+
+
+class DepthCollator:
+    """Examples -> `{"pixel_values": (B, 3, H, W), "labels": (B, h, w) metres, 0 = invalid}`.
+
+    Pixels come from the model's image processor at `input_size`; labels are resized to `input_size` with nearest
+    neighbour (never blending depths across edges or invalid pixels), or kept at their native size.
+    """
+
+    def __init__(self, image_processor, input_size: tuple[int, int], labels_at_native_resolution: bool = False):
+        self.image_processor, self.input_size = image_processor, tuple(int(s) for s in input_size)
+        self.labels_at_native_resolution = labels_at_native_resolution
+
+    def __call__(self, examples: list[dict]) -> dict:
+        size = {"height": self.input_size[0], "width": self.input_size[1]}
+        pixel_values = self.image_processor([e["image"] for e in examples], size=size, return_tensors="pt")["pixel_values"]
+        depths = [torch.from_numpy(np.ascontiguousarray(e["depth"], dtype=np.float32)) for e in examples]
+        if self.labels_at_native_resolution:
+            shapes = {tuple(d.shape) for d in depths}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"--labels_at_native_resolution needs equally sized depth maps in a batch, got {sorted(shapes)}"
+                )
+            labels = torch.stack(depths)
+        else:
+            labels = torch.stack([
+                d if tuple(d.shape) == self.input_size else F.interpolate(d[None, None], size=self.input_size, mode="nearest")[0, 0]
+                for d in depths
+            ])
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+def resolve_eval_split(source: str, requested: str | None) -> list[str]:
+    if requested is not None:
+        return [] if requested.lower() == "none" else [requested]
+    if source == "synthetic":
+        return ["validation"]
+    if moa_eval.is_local_path(source):
+        return ["test"]
+    return ["validation", "test"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training state, checkpoints, output folder
+# ------------------------------------------------------------------------------------------------
+
+
+class TrainingProgress:
+    """Everything besides model/optimizer/scheduler/RNG that a resumed run needs; saved with `save_state`."""
+
+    def __init__(self):
+        self.global_step = 0
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.loss_history: list[list[float]] = []  # [step, loss]
+        self.eval_history: list[dict] = []  # {"step", metrics...}
+
+    def state_dict(self) -> dict:
+        return {
+            "global_step": self.global_step,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "loss_history": self.loss_history,
+            "eval_history": self.eval_history,
+        }
+
+    def load_state_dict(self, state: dict):
+        self.global_step = int(state["global_step"])
+        self.best_metric = state.get("best_metric")
+        self.best_step = state.get("best_step")
+        self.loss_history = [list(x) for x in state.get("loss_history", [])]
+        self.eval_history = [dict(x) for x in state.get("eval_history", [])]
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    folder = output_dir / "checkpoints"
+    found = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.is_dir() and path.name.startswith("step_") and path.name[5:].isdigit():
+                found.append((int(path.name[5:]), path))
+    return sorted(found)
+
+
+def check_output_dir(args, parser) -> Path:
+    output_dir = Path(args.output_dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output_dir {output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
+        marker = output_dir / RUN_MARKER
+        ours = False
+        if marker.is_file():
+            try:
+                ours = json.loads(marker.read_text()).get("script") == SCRIPT_ID
+            except (OSError, json.JSONDecodeError):
+                ours = False
+        if not ours:
+            parser.error(
+                f"--output_dir {output_dir} is not empty and not from a previous run of this script; "
+                "choose another folder or pass --overwrite_output_dir"
+            )
+    return output_dir
+
+
+def resolve_resume(args, parser, output_dir: Path) -> Path | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir / 'checkpoints'}; starting from scratch")
+            return None
+        return checkpoints[-1][1]
+    path = Path(args.resume_from_checkpoint).expanduser()
+    if not path.is_dir():
+        parser.error(f"--resume_from_checkpoint {path}: no such checkpoint folder")
+    if not (path / "custom_checkpoint_0.pkl").is_file():
+        parser.error(f"--resume_from_checkpoint {path}: not a checkpoint of this script (no custom_checkpoint_0.pkl)")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int) -> Path:
+    path = output_dir / "checkpoints" / f"step_{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process and total_limit > 0:
+        for _, old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def save_model(accelerator, model, image_processor, folder: Path, extra: dict | None = None):
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        image_processor.save_pretrained(folder)
+        if extra is not None:
+            (folder / "training_info.json").write_text(json.dumps(extra, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+
+
+def plot_loss_curve(progress: TrainingProgress, path: Path, metric: str) -> Path | None:
+    if not progress.loss_history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([row[0] for row in progress.loss_history])
+    losses = np.array([row[1] for row in progress.loss_history])
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, label="training loss")
+    window = max(1, min(20, len(losses) // 10))
+    if window > 1:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"training loss ({window}-step mean)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("composite loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if progress.eval_history:
+        twin = ax.twinx()
+        twin.plot([e["step"] for e in progress.eval_history], [e[metric] for e in progress.eval_history],
+                  "o-", color="tab:red", label=f"eval {metric}")
+        twin.set_ylabel(f"eval {metric}", color="tab:red")
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="upper right")
+    ax.set_title("MoA-DepthCLIP training")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    total_start = time.perf_counter()
+    if args.max_train_steps is None and args.num_train_epochs is None:
+        args.max_train_steps = DEFAULT_MAX_TRAIN_STEPS
+    if args.config_name not in CONFIG_NAMES and not os.path.isfile(os.path.expanduser(args.config_name)):
+        parser.error(f"--config_name {args.config_name}: expected one of {list(CONFIG_NAMES)} or a config JSON file")
+    if args.model is not None and moa_eval.is_local_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
+        parser.error(f"--model {args.model}: no such folder")
+    if args.stop_after_steps is not None and args.max_train_steps is not None and args.stop_after_steps >= args.max_train_steps:
+        parser.error("--stop_after_steps must be smaller than --max_train_steps")
+    output_dir = check_output_dir(args, parser)
+    resume_path = resolve_resume(args, parser, output_dir)
+
+    # Data first: a missing folder or an empty dataset fails here, before anything is built.
+    load_kwargs = dict(synthetic_size=tuple(args.synthetic_size), seed=args.seed)
+    try:
+        train_base = moa_eval.load_dataset_or_error(
+            args.dataset, args.train_split, num_samples=args.max_train_samples, **load_kwargs
+        )
+    except ValueError as error:
+        parser.error(f"--dataset: {error}")
+    if not hasattr(train_base, "__len__"):
+        parser.error(f"--dataset {args.dataset}: training needs a map-style dataset (not streaming)")
+    eval_base, eval_split = None, None
+    for split in resolve_eval_split(args.dataset, args.eval_split):
+        try:
+            eval_base = moa_eval.load_dataset_or_error(args.dataset, split, num_samples=args.max_eval_samples, **load_kwargs)
+            eval_split = split
+            break
+        except ValueError as error:
+            if args.eval_split is not None:
+                parser.error(f"--eval_split: {error}")
+    test_specs = parse_test_datasets(args.test_datasets, args)
+    for source, split in test_specs:  # check now, load after training
+        if source != "synthetic" and moa_eval.is_local_path(source) and not os.path.exists(os.path.expanduser(source)):
+            parser.error(f"--test_datasets: dataset folder or file not found: {source}")
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    log_with = None
+    if args.report_to == "tensorboard":
+        if importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None:
+            log_with = "tensorboard"
+    try:
+        accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        )
+    except (ValueError, RuntimeError) as error:
+        parser.error(f"cannot set up accelerate: {str(error).splitlines()[0]}")
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if accelerator.is_main_process else logging.ERROR,
+        force=True,
+    )
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning() if accelerator.is_main_process else transformers.utils.logging.set_verbosity_error()
+    if args.report_to == "tensorboard" and log_with is None:
+        logger.info("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+
+    set_seed(args.seed)
+    model, image_processor, model_description = load_or_build_model(args, parser)
+    patch = model.config.vision_config.patch_size
+    if args.input_size is not None:
+        input_size = tuple(args.input_size)
+    else:
+        input_size = tuple(moa_eval._processor_size(image_processor) or (model.config.vision_config.image_size,) * 2)
+    if input_size[0] % patch or input_size[1] % patch:
+        parser.error(f"--input_size {input_size[0]} {input_size[1]}: both sides must be multiples of the patch size {patch}")
+    image_processor.size = {"height": int(input_size[0]), "width": int(input_size[1])}
+    image_processor.size_divisor = patch
+    if args.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        logger.info("gradient checkpointing on: CLIP blocks are recomputed in the backward pass")
+
+    # Output folder: mark it as ours; a fresh (not resumed) run drops the checkpoints of an earlier run.
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if resume_path is None:
+            for _, old in list_checkpoints(output_dir):
+                shutil.rmtree(old, ignore_errors=True)
+        (output_dir / RUN_MARKER).write_text(json.dumps({"script": SCRIPT_ID, **vars(args)}, indent=2, default=str) + "\n")
+    accelerator.wait_for_everyone()
+
+    augmentation = None if args.no_augmentation else _SeededAugmentation(output_size=None)
+    train_dataset = TrainingExamples(train_base, augmentation, args.seed, cache=args.dataset == "synthetic")
+    collator = DepthCollator(image_processor, input_size, args.labels_at_native_resolution)
+    sampler = EpochShuffleSampler(len(train_dataset), args.seed)
+    train_dataloader = DataLoader(
+        train_dataset, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator,
+        num_workers=args.dataloader_num_workers,
+    )
+    eval_examples = None
+    if eval_base is not None:
+        # rendered scenes are cached (rendering is the slow part); file datasets are read at each evaluation
+        eval_examples = [eval_base[i] for i in range(len(eval_base))] if args.dataset == "synthetic" else eval_base
+
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, args.learning_rate, args.backbone_learning_rate, args.weight_decay),
+        lr=args.learning_rate,
+    )
+    group_names = [group["name"] for group in optimizer.param_groups]
+
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if args.stop_after_steps is not None and args.stop_after_steps >= args.max_train_steps:
+        parser.error("--stop_after_steps must be smaller than the number of training steps")
+    num_warmup_steps = args.num_warmup_steps if args.num_warmup_steps is not None else round(0.05 * args.max_train_steps)
+    # accelerate steps a prepared scheduler once per process per optimizer step
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer=optimizer,
+        num_warmup_steps=num_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+    progress = TrainingProgress()
+    accelerator.register_for_checkpointing(progress)
+
+    if log_with is not None:
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+        accelerator.init_trackers("moa_depthclip", config=hparams)
+
+    unwrapped = accelerator.unwrap_model(model)
+    num_trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+    num_total = sum(p.numel() for p in unwrapped.parameters())
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        logger.info(f"resumed from {resume_path} at step {progress.global_step}")
+    logger.info(
+        f"model: {model_description}; {num_trainable:,} trainable of {num_total:,} parameters; input {input_size[0]}x{input_size[1]}"
+    )
+    logger.info(
+        f"data: {args.dataset} ({args.train_split}: {len(train_base)} examples; eval: "
+        f"{f'{eval_split}, {len(eval_base)} examples' if eval_base is not None else 'none'}); "
+        f"{args.max_train_steps} steps of batch {args.per_device_train_batch_size} x {accelerator.num_processes} "
+        f"process(es) x {args.gradient_accumulation_steps} accumulation; {steps_per_epoch} steps per epoch; "
+        f"lr {args.learning_rate:g} (head) / {args.backbone_learning_rate:g} (CLIP blocks), warm-up {num_warmup_steps}, "
+        f"{args.lr_scheduler_type}; mixed precision {accelerator.mixed_precision}"
+    )
+
+    metric = args.metric_for_best_model
+    moa_layers = list(unwrapped.config.moa_layers)
+    trainable_parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def run_periodic_eval(step: int) -> dict | None:
+        if eval_examples is None:
+            return None
+        result = moa_eval.evaluate(
+            accelerator.unwrap_model(model), image_processor, eval_examples, accelerator=accelerator,
+            batch_size=args.per_device_eval_batch_size, crop=args.eval_crop, input_size=input_size,
+            num_visual_samples=0, dataset_name=f"{args.dataset} ({eval_split})", show_progress=False,
+        )
+        metrics = result["metrics"]
+        progress.eval_history.append({"step": step, **metrics})
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        improved = progress.best_metric is None or metrics[metric] < progress.best_metric
+        logger.info(
+            f"step {step}: eval {eval_split} abs_rel {metrics['abs_rel']:.4f} rmse {metrics['rmse']:.4f} "
+            f"d1 {metrics['d1']:.4f}" + (" (best so far: saved to best/)" if improved else "")
+        )
+        if improved:
+            progress.best_metric, progress.best_step = float(metrics[metric]), step
+            save_model(accelerator, model, image_processor, output_dir / "best",
+                       {"step": step, "eval_split": eval_split, "metric_for_best_model": metric, "eval_metrics": metrics})
+        return metrics
+
+    global_step = progress.global_step
+    stop_at = min(args.stop_after_steps or args.max_train_steps, args.max_train_steps)
+    epoch = global_step // steps_per_epoch
+    skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    progress_bar = tqdm(total=args.max_train_steps, initial=global_step, desc="train", unit="step",
+                        disable=not accelerator.is_local_main_process)
+    model.train()
+    train_start = time.perf_counter()
+    eval_seconds = 0.0
+    window = {"loss": [], "components": [], "router": []}
+    while global_step < stop_at:
+        train_dataloader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_dataloader, skip_batches) if skip_batches else train_dataloader
+        skip_batches = 0
+        for batch in loader:
+            with accelerator.accumulate(model):
+                outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+                loss = outputs.loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable_parameters, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            components = outputs.loss_components
+            window["loss"].append(loss.detach().float())
+            window["components"].append(torch.stack([components[k].float() for k in sorted(components)]))
+            window["router"].append(outputs.router_probs.detach().float().mean(dim=0))
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.global_step = global_step
+            stats = torch.cat([
+                torch.stack(window["loss"]).mean().reshape(1),
+                torch.stack(window["components"]).mean(dim=0),
+                torch.stack(window["router"]).mean(dim=0).flatten(),
+            ])
+            stats = accelerator.reduce(stats, reduction="mean").cpu()
+            window = {"loss": [], "components": [], "router": []}
+            names = sorted(components)
+            step_loss = float(stats[0])
+            progress.loss_history.append([global_step, step_loss])
+            log = {"train/loss": step_loss}
+            log.update({f"train/loss_{name}": float(v) for name, v in zip(names, stats[1:1 + len(names)])})
+            router = stats[1 + len(names):].view(len(moa_layers), -1)
+            for layer_position, layer in enumerate(moa_layers):
+                for expert, value in enumerate(router[layer_position].tolist()):
+                    log[f"router/layer{layer}/expert{expert}"] = value
+            for name, lr in zip(group_names, lr_scheduler.get_last_lr()):
+                log[f"lr/{name}"] = lr
+            accelerator.log(log, step=global_step)
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
+
+            last = global_step >= args.max_train_steps
+            if (args.eval_steps and global_step % args.eval_steps == 0) or last:
+                eval_start = time.perf_counter()
+                run_periodic_eval(global_step)
+                eval_seconds += time.perf_counter() - eval_start
+            stopping = global_step >= stop_at and not last
+            if (args.checkpointing_steps and global_step % args.checkpointing_steps == 0) or stopping:
+                path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                logger.info(f"step {global_step}: saved state to {path}")
+            if global_step >= stop_at:
+                break
+        epoch += 1
+    progress_bar.close()
+    train_seconds = time.perf_counter() - train_start
+    loss_curve = None
+    if accelerator.is_main_process:
+        loss_curve = plot_loss_curve(progress, output_dir / "loss_curve.png", metric)
+    summary = {
+        "global_step": global_step,
+        "output_dir": str(output_dir),
+        "train_seconds": train_seconds,
+        "periodic_eval_seconds": eval_seconds,
+        "loss_history": progress.loss_history,
+        "eval_history": progress.eval_history,
+        "best_step": progress.best_step,
+        "best_metric": progress.best_metric,
+    }
+    if global_step < args.max_train_steps:
+        logger.info(
+            f"stopped after step {global_step} of {args.max_train_steps} (--stop_after_steps); continue with "
+            f"--resume_from_checkpoint latest --output_dir {output_dir}"
+        )
+        accelerator.end_training()
+        return summary
+
+    info = {"step": global_step, "model": model_description, "args": {k: str(v) for k, v in vars(args).items()}}
+    save_model(accelerator, model, image_processor, output_dir / "final", info)
+    summary["final_model"] = str(output_dir / "final")
+
+    # Final evaluation on the test datasets.
+    final_start = time.perf_counter()
+    eval_dir = output_dir / "best" if args.final_eval_model == "best" and (output_dir / "best").is_dir() else output_dir / "final"
+    eval_model = accelerator.unwrap_model(model)
+    if eval_dir.name == "best" and progress.best_step != global_step:
+        eval_model, _ = moa_eval.load_model_and_processor(str(eval_dir), device=accelerator.device)
+    results, written = {}, {}
+    eval_timings = {}
+    for source, split in test_specs:
+        label = moa_eval.dataset_label(source, split)
+        start = time.perf_counter()
+        try:
+            size = (480, 640) if source == "synthetic" else tuple(args.synthetic_size)
+            dataset = moa_eval.load_dataset_or_error(source, split, synthetic_size=size, seed=args.seed)
+        except ValueError as error:
+            logger.warning(f"final evaluation skipped for {source}: {error}")
+            continue
+        result = moa_eval.evaluate(
+            eval_model, image_processor, dataset, accelerator=accelerator,
+            batch_size=args.per_device_eval_batch_size, crop=args.eval_crop, flip_average=args.flip_average,
+            input_size=input_size, num_visual_samples=args.num_visual_samples,
+            dataset_name=f"{source} ({split})", model_name=str(eval_dir),
+        )
+        results[label] = result
+        eval_timings[label] = time.perf_counter() - start
+        if accelerator.is_main_process:
+            written[label] = moa_eval.write_evaluation_outputs(result, output_dir / "eval" / label, f"{eval_dir.name} model on {label}")
+    final_eval_seconds = time.perf_counter() - final_start
+    accelerator.end_training()
+
+    summary.update({
+        "final_eval_seconds": final_eval_seconds,
+        "final_eval_timings": eval_timings,
+        "results": {label: {**r["metrics"], "num_images": r["num_images"]} for label, r in results.items()},
+        "total_seconds": time.perf_counter() - total_start,
+    })
+    if accelerator.is_main_process:
+        from modeling_moa_depthclip.metrics import format_metrics_markdown
+
+        timings = {
+            "training_s": round(train_seconds - eval_seconds, 1),
+            "periodic_evaluation_s": round(eval_seconds, 1),
+            "final_evaluation_s": {k: round(v, 1) for k, v in eval_timings.items()},
+            "total_s": round(summary["total_seconds"], 1),
+        }
+        (output_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        if results:
+            table = format_metrics_markdown({label: r["metrics"] for label, r in results.items()}, label="dataset")
+            (output_dir / "metrics.json").write_text(json.dumps({
+                "model": str(eval_dir), "step": progress.best_step if eval_dir.name == "best" else global_step,
+                "results": {label: {**r["metrics"], "num_images": r["num_images"], "protocol": r["protocol"]}
+                            for label, r in results.items()},
+            }, indent=2) + "\n")
+            (output_dir / "metrics.md").write_text(
+                f"# MoA-DepthCLIP: {eval_dir.name} model ({model_description}, {global_step} steps)\n\n{table}\n\n"
+                f"Crop {args.eval_crop}, prediction clamped to [0.001, 10] m, {moa_eval.AVERAGING}.\n"
+            )
+        print()
+        print(f"Trained {global_step} steps in {train_seconds - eval_seconds:.0f} s (+ {eval_seconds:.0f} s periodic "
+              f"evaluation); model: {model_description}")
+        if results:
+            print(f"Final evaluation of {eval_dir} (metrics averaged per image; {args.eval_crop} crop):")
+            print(table)
+            for label, paths in written.items():
+                print(f"  {label} ({results[label]['num_images']} images, {eval_timings[label]:.0f} s): "
+                      f"{paths['metrics_json'].parent}/ [metrics.json, metrics.md, per_image_metrics.csv"
+                      f"{', samples.png' if 'samples_png' in paths else ''}]")
+        if progress.best_step is not None:
+            print(f"Best model: {output_dir / 'best'} (step {progress.best_step}, eval {eval_split} {metric} "
+                  f"{progress.best_metric:.4f})")
+        print(f"Final model: {output_dir / 'final'}")
+        if loss_curve is not None:
+            print(f"Loss curve: {loss_curve}")
+        if results:
+            print(f"Summary: {output_dir / 'metrics.md'}, {output_dir / 'metrics.json'}")
+        if log_with is not None:
+            print(f"TensorBoard logs: {output_dir / 'logs'}  (tensorboard --logdir {output_dir / 'logs'})")
+        print(f"Total time: {summary['total_seconds']:.0f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
