@@ -420,26 +420,10 @@ class EpochShuffleSampler(Sampler):
         return self.num_examples
 
 
-class _SeededAugmentation(DepthAugmentation):
-    """`DepthAugmentation` whose parameters for one draw come from a generator seeded by (seed, epoch, index).
-
-    The parent re-seeds its generator per DataLoader worker and draws sequentially, so its output depends on how
-    many samples a worker drew before; here every sample's augmentation is a function of (seed, epoch, index) only,
-    which is what makes an interrupted and resumed run see exactly the same data as an uninterrupted one.
-    """
-
-    def params_for(self, seed: int, epoch: int, index: int) -> dict:
-        self.rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index)])
-        return self.sample_params()
-
-    def _generator(self):
-        return self.rng
-
-
 class TrainingExamples(Dataset):
     """Training view of a depth dataset: keys `epoch * n + index` -> augmented example; base examples cached."""
 
-    def __init__(self, base, augmentation: _SeededAugmentation | None, seed: int, cache: bool):
+    def __init__(self, base, augmentation: DepthAugmentation | None, seed: int, cache: bool):
         self.base, self.augmentation, self.seed = base, augmentation, seed
         self.num_examples = len(base)
         self._cache: dict[int, dict] | None = {} if cache else None
@@ -459,7 +443,9 @@ class TrainingExamples(Dataset):
         example = self._example(index)
         if self.augmentation is None:
             return example
-        params = self.augmentation.params_for(self.seed, epoch, index)
+        # each sample's augmentation is a function of (seed, epoch, index) only, so a resumed run sees the same data
+        rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(epoch), int(index)])
+        params = self.augmentation.sample_params(rng)
         image, depth = self.augmentation.apply(example["image"], example["depth"], params)
         return {"image": image, "depth": depth, "name": example["name"]}
 
@@ -739,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         (output_dir / RUN_MARKER).write_text(json.dumps({"script": SCRIPT_ID, **vars(args)}, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
 
-    augmentation = None if args.no_augmentation else _SeededAugmentation(output_size=None)
+    augmentation = None if args.no_augmentation else DepthAugmentation(output_size=None)
     train_dataset = TrainingExamples(train_base, augmentation, args.seed, cache=args.dataset == "synthetic")
     collator = DepthCollator(image_processor, input_size, args.labels_at_native_resolution)
     sampler = EpochShuffleSampler(len(train_dataset), args.seed)

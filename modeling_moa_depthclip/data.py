@@ -928,9 +928,13 @@ class DepthAugmentation:
             self.rng, self._worker_id = np.random.default_rng(entropy), info.id
         return self.rng
 
-    def sample_params(self) -> dict[str, Any]:
-        """Draw one set of augmentation parameters (size independent; see :meth:`apply`)."""
-        rng = self._generator()
+    def sample_params(self, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        """Draw one set of augmentation parameters (size independent; see :meth:`apply`).
+
+        With `rng` the draw depends on that generator alone, e.g. one seeded per (seed, epoch, index), which makes
+        a training run's data independent of how samples were spread over workers or where it was resumed.
+        """
+        rng = self._generator() if rng is None else rng
         brightness, contrast, saturation, hue = self.color_jitter or (0.0, 0.0, 0.0, 0.0)
         params = {
             "flip": bool(rng.random() < self.hflip_prob),
