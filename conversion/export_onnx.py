@@ -1,0 +1,248 @@
+"""Export a saved MoA-DepthCLIP model to ONNX and check it against PyTorch in onnxruntime.
+
+    python conversion/export_onnx.py --model PATH --output model.onnx [--images FILE_OR_DIR ...] [--overwrite]
+
+The ONNX graph takes `pixel_values` float32 `(batch, 3, height, width)` (the image processor's output; the batch
+axis is dynamic, height and width are fixed to the processor's size) and returns `predicted_depth` float32
+`(batch, height, width)` in metres. ONNX opset 18 (default ai.onnx domain; `--opset` changes it), written by
+`torch.onnx.export(dynamo=True)`. The image processor's settings are stored in the file's metadata under
+`moa_depthclip.preprocessing`, so the `.onnx` file alone is enough to run it.
+
+After export the script runs `onnx.checker.check_model`, then compares onnxruntime with PyTorch on real frames
+(by default 4 frames of ../shared/data/nyu_eigen_test_sample; `--images` for others) at batch 1 and at batch N,
+and the torch-free inference path end to end with the PyTorch pipeline's depth at image size. It prints the
+largest absolute difference in metres and exits with status 1 if it exceeds `--tolerance` (1e-3 m).
+
+Running the exported model without PyTorch (only numpy, pillow and onnxruntime) is what
+`conversion/onnx_inference.py` does, without importing torch:
+
+    from conversion.onnx_inference import OnnxDepthEstimator
+    estimator = OnnxDepthEstimator("model.onnx")
+    depth_metres = estimator("room.png")   # float32 (height, width) at the image's size
+
+or, by hand:
+
+    import json, numpy as np, onnxruntime
+    from PIL import Image
+    session = onnxruntime.InferenceSession("model.onnx")
+    settings = json.loads(session.get_modelmeta().custom_metadata_map["moa_depthclip.preprocessing"])
+    h, w = settings["size"]["height"], settings["size"]["width"]
+    rgb = np.asarray(Image.open("room.png").convert("RGB"), dtype=np.float32) / 255
+    rgb = np.stack([np.asarray(Image.fromarray(rgb[..., c], mode="F").resize((w, h), Image.BICUBIC))
+                    for c in range(3)]).clip(0, 1)                 # antialiased bicubic, as the processor does
+    mean = np.array(settings["image_mean"], np.float32)[:, None, None]
+    std = np.array(settings["image_std"], np.float32)[:, None, None]
+    depth = session.run(None, {"pixel_values": ((rgb - mean) / std)[None].astype(np.float32)})[0][0]
+    # depth: metres at h x w; resize bilinearly to the image size (conversion.onnx_inference.resize_bilinear)
+
+Exit status: 0 on success, 1 if the comparison exceeds the tolerance, 2 for bad arguments (a missing model folder,
+an output file that exists without `--overwrite`, no images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conversion.onnx_inference import PREPROCESSING_METADATA_KEY, OnnxDepthEstimator  # noqa: E402
+
+
+DEFAULT_OPSET = 18
+DEFAULT_TOLERANCE_M = 1e-3
+DEFAULT_NUM_IMAGES = 4
+DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nyu_eigen_test_sample"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ExportError(Exception):
+    """A problem with the arguments, reported in one line."""
+
+
+def _depth_only(model):
+    import torch
+
+    class DepthOnly(torch.nn.Module):
+        """`pixel_values -> predicted_depth`: the graph ONNX gets, without the training-only outputs."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values=pixel_values, return_dict=True).predicted_depth
+
+    return DepthOnly(model).eval()
+
+
+def preprocessing_settings(processor) -> dict:
+    return {
+        "do_resize": bool(processor.do_resize),
+        "size": dict(processor.size),
+        "resample": processor.resample,
+        "do_normalize": bool(processor.do_normalize),
+        "image_mean": [float(v) for v in processor.image_mean],
+        "image_std": [float(v) for v in processor.image_std],
+    }
+
+
+def export_onnx(model, processor, output, opset: int = DEFAULT_OPSET) -> Path:
+    """Write `model` as ONNX to `output` (dynamic batch, fixed processor size) and run `onnx.checker` on it."""
+    import onnx
+    import torch
+
+    output = Path(output)
+    height, width = processor.size["height"], processor.size["width"]
+    channels = model.config.vision_config.num_channels
+    example = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
+    program = torch.onnx.export(
+        _depth_only(model),
+        (example,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=["pixel_values"],
+        output_names=["predicted_depth"],
+        dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1)}},
+        verbose=False,
+    )
+    program.model.metadata_props[PREPROCESSING_METADATA_KEY] = json.dumps(preprocessing_settings(processor))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # write beside the destination, then move: a failed export never leaves a half-written file
+    handle, partial = tempfile.mkstemp(suffix=".onnx", dir=output.parent)
+    os.close(handle)
+    try:
+        program.save(partial)
+        onnx.checker.check_model(partial, full_check=True)
+        os.replace(partial, output)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return output
+
+
+def onnx_opset(path) -> int:
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+
+
+def compare_with_pytorch(model, processor, onnx_path, images) -> dict:
+    """Largest |onnxruntime - PyTorch| in metres: the raw graph at batch 1 and batch N, and the torch-free path."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    session = onnxruntime.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        reference = model(pixel_values=pixel_values).predicted_depth
+    result = {}
+    for batch in sorted({1, len(images)}):
+        (onnx_depth,) = session.run(None, {"pixel_values": pixel_values[:batch].numpy()})
+        result[f"batch {batch}"] = float(np.abs(onnx_depth - reference[:batch].numpy()).max())
+    # the torch-free path, end to end: image in, depth at the image's size out, against the PyTorch postprocessing
+    targets = [image.size[::-1] for image in images]
+    torch_depths = processor.post_process_depth_estimation({"predicted_depth": reference}, targets)
+    onnx_depths = OnnxDepthEstimator(onnx_path)(list(images))
+    result["torch-free path at image size"] = max(
+        float(np.abs(ours - theirs["predicted_depth"].numpy()).max())
+        for ours, theirs in zip(onnx_depths, torch_depths)
+    )
+    return result
+
+
+def collect_images(sources, limit: int) -> list[Path]:
+    paths = []
+    for source in sources:
+        source = Path(source)
+        if source.is_dir():
+            found = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            # a DenseDepth-layout folder holds depth PNGs beside the frames: take the colour frames only
+            colours = [p for p in found if p.stem.endswith("_colors")]
+            paths.extend(colours or found)
+        elif source.is_file():
+            paths.append(source)
+        else:
+            raise ExportError(f"image source {source} does not exist")
+    if not paths:
+        raise ExportError(f"no images found in {', '.join(map(str, sources))}")
+    return paths[:limit]
+
+
+def load_model_and_processor(folder):
+    import modeling_moa_depthclip  # noqa: F401  (registers the model with the auto classes)
+    from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, MoADepthCLIPImageProcessor
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"model folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"model folder {folder} has no config.json: not a saved model")
+    model = MoADepthCLIPForDepthEstimation.from_pretrained(folder).eval()
+    if (folder / "preprocessor_config.json").is_file():
+        processor = MoADepthCLIPImageProcessor.from_pretrained(folder)
+    else:
+        print(f"note: {folder} has no preprocessor_config.json; using the default image processor settings")
+        processor = MoADepthCLIPImageProcessor()
+    return model, processor
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=f"Export MoA-DepthCLIP to ONNX (opset {DEFAULT_OPSET} by default, dynamic batch) and check it "
+        "against PyTorch in onnxruntime.",
+    )
+    parser.add_argument("--model", required=True, help="folder written by save_pretrained (config.json + weights)")
+    parser.add_argument("--output", required=True, help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument(
+        "--images", nargs="+", default=[str(DEFAULT_IMAGES)],
+        help="image files or folders to compare on (default: the shared NYU Eigen test sample)",
+    )
+    parser.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES, help="frames compared (default 4)")
+    parser.add_argument(
+        "--tolerance", type=float, default=DEFAULT_TOLERANCE_M, help="largest allowed difference in metres"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    args = parser.parse_args(argv)
+
+    try:
+        output = Path(args.output)
+        if output.exists() and not args.overwrite:
+            raise ExportError(f"output file {output} exists; pass --overwrite to replace it")
+        if output.is_dir():
+            raise ExportError(f"output {output} is a directory, not a file")
+        if args.num_images < 1:
+            raise ExportError(f"--num-images must be >= 1, got {args.num_images}")
+        image_paths = collect_images(args.images, args.num_images)
+        model, processor = load_model_and_processor(args.model)
+    except ExportError as error:
+        print(f"export_onnx: error: {error}", file=sys.stderr)
+        return 2
+
+    from modeling_moa_depthclip import load_image_file
+
+    images = [load_image_file(path) for path in image_paths]
+    export_onnx(model, processor, output, opset=args.opset)
+    print(f"wrote {output} (ONNX opset {onnx_opset(output)}, {output.stat().st_size / 2**20:.1f} MiB); "
+          "onnx.checker: passed")
+    differences = compare_with_pytorch(model, processor, output, images)
+    worst = max(differences.values())
+    details = ", ".join(f"{name}: {value:.2e} m" for name, value in differences.items())
+    print(f"max |onnxruntime - PyTorch| on {len(images)} frames = {worst:.2e} m ({details}); "
+          f"tolerance {args.tolerance:g} m")
+    if worst > args.tolerance:
+        print("export_onnx: error: the exported model does not match PyTorch within the tolerance", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
