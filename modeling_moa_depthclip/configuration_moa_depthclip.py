@@ -85,6 +85,10 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         decoder_hidden_size (`int`, *optional*, defaults to 128): Channels of the multi-scale decoder.
         loss_weights (`dict[str, float]`, *optional*): Weights of `bin_ce`, `l1`, `silog`, `gradient`, `ssim`.
         silog_lambda (`float`, *optional*, defaults to 0.85): Variance focus of the SILog loss.
+        checkpoint_frozen_layers (`bool`, *optional*, defaults to `True`):
+            In training, recompute the frozen CLIP blocks that lie after the first trainable module (they only pass
+            gradients back to the adapters before them) in the backward pass instead of storing their activations.
+            Same gradients, less memory, one extra forward through those blocks.
     """
 
     model_type = "moa_depthclip"
@@ -113,6 +117,7 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         decoder_hidden_size=128,
         loss_weights=None,
         silog_lambda=0.85,
+        checkpoint_frozen_layers=True,
         initializer_range=0.02,
         **kwargs,
     ):
@@ -147,6 +152,7 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         self.decoder_hidden_size = decoder_hidden_size
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
         self.silog_lambda = silog_lambda
+        self.checkpoint_frozen_layers = bool(checkpoint_frozen_layers)
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         self.validate_moa_config()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
@@ -409,6 +410,11 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(self.is_trainable_parameter(name))
 
+    @staticmethod
+    def _is_frozen_block(layer) -> bool:
+        # a block that checkpoints itself (gradient checkpointing enabled) needs no second wrapper
+        return not layer.gradient_checkpointing and not any(p.requires_grad for p in layer.parameters())
+
     def _frozen_prefix_length(self) -> int:
         """Number of leading blocks that can run without an autograd graph (nothing in or before them trains)."""
         if any(p.requires_grad for p in self.vision_model.embeddings.parameters()) or any(
@@ -451,6 +457,7 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         image_size = self.config.vision_config.image_size
 
         frozen_prefix = self._frozen_prefix_length() if torch.is_grad_enabled() else 0
+        recompute_frozen = self.config.checkpoint_frozen_layers and self.training and torch.is_grad_enabled()
         all_hidden_states = []
         patch_tokens, gates_per_layer = [], []
         prompt_probs = None
@@ -464,7 +471,12 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
             with torch.set_grad_enabled(torch.is_grad_enabled() and index >= frozen_prefix):
-                hidden_states = layer(hidden_states, None)
+                if recompute_frozen and index >= frozen_prefix and self._is_frozen_block(layer):
+                    # a frozen block after a trainable module only passes gradients through: keep its input and
+                    # recompute it in backward rather than storing its activations
+                    hidden_states = torch.utils.checkpoint.checkpoint(layer, hidden_states, None, use_reentrant=False)
+                else:
+                    hidden_states = layer(hidden_states, None)
             if str(index) in self.moa:
                 context, prompt_probs = self.semantic_context(hidden_states[:, 0], vision.post_layernorm)
                 hidden_states, gates = self.moa[str(index)](hidden_states, context)

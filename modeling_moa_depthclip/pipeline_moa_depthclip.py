@@ -8,7 +8,7 @@ from transformers import DepthEstimationPipeline
 from transformers.image_utils import load_image
 
 from .image_processing_moa_depthclip import load_image_file
-from .visualization import colorize_depth, grayscale_depth
+from .visualization import colorize_unit_depth, grayscale_unit_depth, normalize_depth
 
 
 class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
@@ -42,12 +42,13 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
         for output in outputs:
             depth = output["predicted_depth"].detach().float().cpu()
             array = depth.numpy().astype(np.float32)
+            unit = normalize_depth(array)
             formatted.append(
                 {
                     "predicted_depth": depth,
                     "metric_depth": array,
-                    "depth": grayscale_depth(array),
-                    "colored_depth": colorize_depth(array),
+                    "depth": grayscale_unit_depth(unit),
+                    "colored_depth": colorize_unit_depth(unit),
                 }
             )
         return formatted[0] if len(formatted) == 1 else formatted

@@ -15,35 +15,58 @@ _TURBO_POLY = np.array(
 )
 
 
-def turbo(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] (clipped) to uint8 RGB with the Turbo colour map; output shape `values.shape + (3,)`."""
-    x = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+def _turbo_polynomial(x: np.ndarray) -> np.ndarray:
     powers = np.stack([np.ones_like(x), x, x**2, x**3, x**4, x**5], axis=-1)
-    rgb = np.clip(powers @ _TURBO_POLY.T, 0.0, 1.0)
-    return (rgb * 255.0 + 0.5).astype(np.uint8)
+    return (np.clip(powers @ _TURBO_POLY.T, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+# 4096 levels: finer than 8-bit colour can show, and indexing a table is ~10x faster than the polynomial per pixel
+_TURBO_LEVELS = 4096
+_TURBO_TABLE = _turbo_polynomial(np.linspace(0.0, 1.0, _TURBO_LEVELS))
+
+
+def turbo(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] (clipped; NaN as 0) to uint8 RGB with the Turbo colour map, shape `values.shape + (3,)`."""
+    x = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0)
+    index = np.clip(x * (_TURBO_LEVELS - 1) + 0.5, 0, _TURBO_LEVELS - 1).astype(np.intp)
+    return _TURBO_TABLE[index]
 
 
 def normalize_depth(depth: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
-    """Scale depth to [0, 1] over [vmin, vmax] (the finite range of `depth` by default).
+    """Scale depth to [0, 1] (float32) over [vmin, vmax] (the finite range of `depth` by default); NaN becomes 0.
 
     A constant map gives all zeros instead of dividing by zero; so does a map whose spread is only float rounding
     (bilinear resizing of a constant map), which would otherwise be stretched into noise.
     """
-    depth = np.asarray(depth, dtype=np.float64)
-    finite = depth[np.isfinite(depth)]
-    low = float(finite.min()) if vmin is None and finite.size else (vmin if vmin is not None else 0.0)
-    high = float(finite.max()) if vmax is None and finite.size else (vmax if vmax is not None else 1.0)
+    depth = np.asarray(depth, dtype=np.float32)
+    finite = np.isfinite(depth)
+    has_finite = bool(finite.any())
+    if vmin is None or vmax is None:
+        valid = depth if finite.all() else depth[finite]
+    low = vmin if vmin is not None else (float(valid.min()) if has_finite else 0.0)
+    high = vmax if vmax is not None else (float(valid.max()) if has_finite else 1.0)
     span = high - low
     if not span > 1e-6 * max(abs(low), abs(high), 1.0):
-        return np.zeros_like(depth)
-    return np.nan_to_num(np.clip((depth - low) / span, 0.0, 1.0), nan=0.0)
+        return np.zeros(depth.shape, dtype=np.float32)
+    unit = (depth - np.float32(low)) * np.float32(1.0 / span)
+    np.clip(unit, 0.0, 1.0, out=unit)
+    return np.nan_to_num(unit, nan=0.0, copy=False)
 
 
 def colorize_depth(depth: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> Image.Image:
     """Depth map as an RGB picture: near is red, far is blue (Turbo, reversed)."""
-    return Image.fromarray(turbo(1.0 - normalize_depth(depth, vmin, vmax)), mode="RGB")
+    return colorize_unit_depth(normalize_depth(depth, vmin, vmax))
+
+
+def colorize_unit_depth(unit: np.ndarray) -> Image.Image:
+    """RGB picture of depth already scaled to [0, 1] by `normalize_depth`."""
+    return Image.fromarray(turbo(1.0 - unit), mode="RGB")
 
 
 def grayscale_depth(depth: np.ndarray) -> Image.Image:
     """8-bit greyscale depth (the stock pipeline's `depth` image), safe for constant maps."""
-    return Image.fromarray((normalize_depth(depth) * 255.0 + 0.5).astype(np.uint8), mode="L")
+    return grayscale_unit_depth(normalize_depth(depth))
+
+
+def grayscale_unit_depth(unit: np.ndarray) -> Image.Image:
+    return Image.fromarray((unit * 255.0 + 0.5).astype(np.uint8), mode="L")

@@ -262,3 +262,19 @@ def test_full_vit_b32_parameter_counts_match_the_readme(decoder, label):
     own = total - clip_total
     assert trainable == 4 * block + own  # last four blocks plus everything that is not CLIP
     assert _readme_figure(label) == (trainable, total)
+
+
+def test_frozen_blocks_after_the_first_adapter_are_recomputed_with_identical_gradients():
+    pixels, labels = torch.randn(2, 3, 64, 64), 1.0 + torch.rand(2, 64, 64)
+    grads, calls = {}, {}
+    for recompute in (False, True):
+        model = tiny_model(checkpoint_frozen_layers=recompute).train()  # block 2: frozen, between MoA 1 and 3
+        counter = [0]
+        model.vision_model.encoder.layers[2].register_forward_pre_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+        model(pixels, labels=labels).loss.backward()
+        grads[recompute] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        calls[recompute] = counter[0]
+    assert calls == {False: 1, True: 2}  # recomputed once in backward
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        assert torch.allclose(grads[True][name], grad, atol=1e-6), name
