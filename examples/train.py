@@ -95,16 +95,6 @@ DEFAULT_MAX_TRAIN_STEPS = 150
 # ------------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -162,12 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="final evaluation after training, each 'SOURCE' or 'SOURCE:SPLIT'; default: the training dataset's "
         "test split and the shared NYU frames (../shared/data/nyu_eigen_test_sample) if present; 'none' skips it",
     )
-    data.add_argument("--max_train_samples", type=_positive_int, default=None,
+    data.add_argument("--max_train_samples", type=moa_eval._positive_int, default=None,
                       help="use the first N training examples (synthetic: N scenes; default 200)")
-    data.add_argument("--max_eval_samples", type=_positive_int, default=None,
+    data.add_argument("--max_eval_samples", type=moa_eval._positive_int, default=None,
                       help="use the first N eval examples (synthetic default 24)")
     data.add_argument(
-        "--input_size", type=_positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
+        "--input_size", type=moa_eval._positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
         help="model input size (multiples of the patch size); default: the checkpoint's image processor, or "
         "image_size x image_size of the config (224x224 for ViT-B/32)",
     )
@@ -177,15 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
         "of resizing it to the input size with nearest neighbour",
     )
     data.add_argument(
-        "--synthetic_size", type=_positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=(240, 320),
+        "--synthetic_size", type=moa_eval._positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=(240, 320),
         help="render size of synthetic training/validation scenes (the synthetic test split is rendered at 480x640)",
     )
     data.add_argument("--no_augmentation", action="store_true", help="train without DepthAugmentation")
     data.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0)
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--per_device_train_batch_size", type=_positive_int, default=8)
-    optim.add_argument("--per_device_eval_batch_size", type=_positive_int, default=8)
+    optim.add_argument("--per_device_train_batch_size", type=moa_eval._positive_int, default=8)
+    optim.add_argument("--per_device_eval_batch_size", type=moa_eval._positive_int, default=8)
     optim.add_argument("--learning_rate", type=_positive_float, default=1e-4,
                        help="MoA, semantic context, decoder and head")
     optim.add_argument("--backbone_learning_rate", type=_positive_float, default=1e-5,
@@ -193,11 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     optim.add_argument(
-        "--max_train_steps", type=_positive_int, default=None,
+        "--max_train_steps", type=moa_eval._positive_int, default=None,
         help=f"optimizer steps; overrides --num_train_epochs; default {DEFAULT_MAX_TRAIN_STEPS} when neither is given",
     )
-    optim.add_argument("--num_train_epochs", type=_positive_int, default=None)
-    optim.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    optim.add_argument("--num_train_epochs", type=moa_eval._positive_int, default=None)
+    optim.add_argument("--gradient_accumulation_steps", type=moa_eval._positive_int, default=1)
     optim.add_argument(
         "--lr_scheduler_type", default="cosine",
         choices=["cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial"],
@@ -220,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume_from_checkpoint", default=None,
                      help="'latest' (the newest in output_dir/checkpoints) or a step_N folder")
     run.add_argument(
-        "--stop_after_steps", type=_positive_int, default=None,
+        "--stop_after_steps", type=moa_eval._positive_int, default=None,
         help="end this run after this many steps (counted from the start of training), saving a checkpoint and "
         "skipping the final evaluation: for time-boxed jobs; the schedule still follows --max_train_steps",
     )
@@ -495,8 +485,15 @@ def resolve_eval_split(source: str, requested: str | None) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
+PROGRESS_FILE = "training_progress.json"
+
+
 class TrainingProgress:
-    """Everything besides model/optimizer/scheduler/RNG that a resumed run needs; saved with `save_state`."""
+    """Everything besides model/optimizer/scheduler/RNG that a resumed run needs.
+
+    Kept as JSON beside `accelerate.save_state`'s files rather than registered for checkpointing, which accelerate
+    would pickle and unpickle without `weights_only`.
+    """
 
     def __init__(self):
         self.global_step = 0
@@ -520,6 +517,12 @@ class TrainingProgress:
         self.best_step = state.get("best_step")
         self.loss_history = [list(x) for x in state.get("loss_history", [])]
         self.eval_history = [dict(x) for x in state.get("eval_history", [])]
+
+    def save(self, folder: Path):
+        (folder / PROGRESS_FILE).write_text(json.dumps(self.state_dict()) + "\n")
+
+    def load(self, folder: Path):
+        self.load_state_dict(json.loads((folder / PROGRESS_FILE).read_text()))
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -564,14 +567,16 @@ def resolve_resume(args, parser, output_dir: Path) -> Path | None:
     path = Path(args.resume_from_checkpoint).expanduser()
     if not path.is_dir():
         parser.error(f"--resume_from_checkpoint {path}: no such checkpoint folder")
-    if not (path / "custom_checkpoint_0.pkl").is_file():
-        parser.error(f"--resume_from_checkpoint {path}: not a checkpoint of this script (no custom_checkpoint_0.pkl)")
+    if not (path / PROGRESS_FILE).is_file():
+        parser.error(f"--resume_from_checkpoint {path}: not a checkpoint of this script (no {PROGRESS_FILE})")
     return path
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int) -> Path:
+def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int, progress: TrainingProgress) -> Path:
     path = output_dir / "checkpoints" / f"step_{step}"
     accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        progress.save(path)
     if accelerator.is_main_process and total_limit > 0:
         for _, old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -584,7 +589,7 @@ def save_model(accelerator, model, image_processor, folder: Path, extra: dict | 
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        unwrapped.save_pretrained(folder, state_dict=state_dict)
         image_processor.save_pretrained(folder)
         if extra is not None:
             (folder / "training_info.json").write_text(json.dumps(extra, indent=2) + "\n")
@@ -760,7 +765,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(progress)
 
     if log_with is not None:
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
@@ -771,6 +775,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     num_total = sum(p.numel() for p in unwrapped.parameters())
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
+        progress.load(resume_path)
         logger.info(f"resumed from {resume_path} at step {progress.global_step}")
     logger.info(
         f"model: {model_description}; {num_trainable:,} trainable of {num_total:,} parameters; input {input_size[0]}x{input_size[1]}"
@@ -871,7 +876,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 eval_seconds += time.perf_counter() - eval_start
             stopping = global_step >= stop_at and not last
             if (args.checkpointing_steps and global_step % args.checkpointing_steps == 0) or stopping:
-                path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, progress)
                 logger.info(f"step {global_step}: saved state to {path}")
             if global_step >= stop_at:
                 break

@@ -235,6 +235,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(run_train, tmp_p
     first = run_train(*common, "--stop_after_steps", 5, "--output_dir", tmp_path / "resumed")
     assert first["global_step"] == 5 and not (tmp_path / "resumed" / "final").exists()
     assert [p.name for _, p in train_script.list_checkpoints(tmp_path / "resumed")] == ["step_4", "step_5"]
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step_5"
+    assert json.loads((checkpoint / "training_progress.json").read_text())["global_step"] == 5
+    assert not list(checkpoint.glob("custom_checkpoint_*"))  # nothing that would be unpickled without weights_only
     resumed = run_train(*common, "--resume_from_checkpoint", "latest", "--output_dir", tmp_path / "resumed")
     assert resumed["global_step"] == 10
     assert [p.name for _, p in train_script.list_checkpoints(tmp_path / "straight")] == ["step_8", "step_10"]
