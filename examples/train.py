@@ -901,6 +901,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"stopped after step {global_step} of {args.max_train_steps} (--stop_after_steps); continue with "
             f"--resume_from_checkpoint latest --output_dir {output_dir}"
         )
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         return summary
 
@@ -936,6 +937,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if accelerator.is_main_process:
             written[label] = moa_eval.write_evaluation_outputs(result, output_dir / "eval" / label, f"{eval_dir.name} model on {label}")
     final_eval_seconds = time.perf_counter() - final_start
+    # every rank reaches the process group's teardown together; a rank tearing down alone can hang at exit
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
     summary.update({
