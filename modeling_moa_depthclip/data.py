@@ -564,6 +564,17 @@ def _hf_example(row: Mapping[str, Any], index: int, cfg: dict) -> Example:
     return make_example(image, depth, name, max_depth=cfg["max_depth"], source=where)
 
 
+def _hf_columns_config(columns, image_column, depth_column, **settings) -> dict:
+    """Which columns hold image, depth and name (given or detected), with the decoding settings."""
+    source = settings["source"]
+    return dict(
+        image_column=_pick_column(columns, image_column, _IMAGE_COLUMNS, "image", source),
+        depth_column=_pick_column(columns, depth_column, _DEPTH_COLUMNS, "depth", source),
+        name_column=next((c for c in _NAME_COLUMNS if c in columns), None),
+        **settings,
+    )
+
+
 class HFDepthDataset(_TransformMixin, Dataset):
     """Map-style view of a ``datasets.Dataset`` as depth examples (columns auto-detected)."""
 
@@ -579,14 +590,10 @@ class HFDepthDataset(_TransformMixin, Dataset):
         split: str = "train",
         transform: Callable[[Example], Example] | None = None,
     ):
-        columns = list(hf_dataset.column_names)
-        image_column = _pick_column(columns, image_column, _IMAGE_COLUMNS, "image", source)
-        depth_column = _pick_column(columns, depth_column, _DEPTH_COLUMNS, "depth", source)
-        name_column = next((c for c in _NAME_COLUMNS if c in columns), None)
         self.hf_dataset, self.transform = hf_dataset, transform
-        self._cfg = dict(
-            source=source, split=split, image_column=image_column, depth_column=depth_column,
-            name_column=name_column, depth_scale=depth_scale, max_depth=max_depth,
+        self._cfg = _hf_columns_config(
+            list(hf_dataset.column_names), image_column, depth_column,
+            source=source, split=split, depth_scale=depth_scale, max_depth=max_depth,
         )
 
     def __len__(self) -> int:
@@ -614,13 +621,10 @@ class HFIterableDepthDataset(_TransformMixin, IterableDataset):
         columns = list(hf_dataset.column_names or [])
         if not columns:  # streaming datasets may not know their schema until the first row
             columns = list(next(iter(hf_dataset)).keys())
-        image_column = _pick_column(columns, image_column, _IMAGE_COLUMNS, "image", source)
-        depth_column = _pick_column(columns, depth_column, _DEPTH_COLUMNS, "depth", source)
-        name_column = next((c for c in _NAME_COLUMNS if c in columns), None)
         self.hf_dataset, self.transform = hf_dataset, transform
-        self._cfg = dict(
-            source=source, split=split, image_column=image_column, depth_column=depth_column,
-            name_column=name_column, depth_scale=depth_scale, max_depth=max_depth,
+        self._cfg = _hf_columns_config(
+            columns, image_column, depth_column,
+            source=source, split=split, depth_scale=depth_scale, max_depth=max_depth,
         )
 
     def __iter__(self) -> Iterator[Example]:
