@@ -126,13 +126,13 @@ def save_models(folder: Path) -> dict:
     return folders
 
 
-def load_pipeline(folder):
+def load_pipeline(folder, dtype="float32"):
     import modeling_moa_depthclip  # noqa: F401  (registers the model and the depth-estimation pipeline)
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return pipeline("depth-estimation", model=str(folder), device="cpu")
+    return pipeline("depth-estimation", model=str(folder), device="cpu", dtype=dtype)
 
 
 def load_frames(count: int):
@@ -195,6 +195,22 @@ def bench_end_to_end(pipelines, frames, repeats, batch_repeats):
             ),
         }
         for name in pipelines
+    }
+
+
+def bench_bf16(folders, fp32_pipelines, frames, repeats):
+    """Batch-1 latency with bf16 weights and activations (`pipeline(..., dtype="bfloat16")`) for this project's
+    default and Depth Anything V2 Small, and how far our bf16 depth is from fp32. Information, not a floor."""
+    names = (OURS_DEFAULT, DEPTH_ANYTHING)
+    pipes = {name: load_pipeline(folders[name], dtype="bfloat16") for name in names}
+    image = frames[0]
+    latency = interleaved_medians({name: (lambda p=p: p(image)) for name, p in pipes.items()}, repeats, warmup=2)
+    ours_bf16 = pipes[OURS_DEFAULT](image)["predicted_depth"].float()
+    ours_fp32 = fp32_pipelines[OURS_DEFAULT](image)["predicted_depth"].float()
+    difference = (ours_bf16 - ours_fp32).abs()
+    return {
+        "latency_ms": {name: latency[name] * 1e3 for name in names},
+        "depth_difference_m": {"mean": float(difference.mean()), "max": float(difference.max())},
     }
 
 
@@ -564,6 +580,26 @@ def render(results, quick) -> str:
         "fusion 256), `DPTImageProcessorPil` 384x384. transformers' torchvision image processors are not used "
         "(no torchvision here).",
         "",
+    ]
+    bf16 = results["bf16"]
+    ours_bf16 = bf16["latency_ms"][OURS_DEFAULT]
+    lines += [
+        "### bf16 on this CPU (information, not a floor)",
+        "",
+        "`pipeline(\"depth-estimation\", model=folder, dtype=\"bfloat16\")`, batch 1, timed round-robin like the table "
+        "above. Batch-1 fp32 inference of ViT-B/32 is bound by reading its 340 MB of weights; bf16 halves them (and "
+        "uses AMX where the CPU has it).",
+        "",
+        "| model | batch-1 latency bf16 (ms) | x default bf16 |",
+        "| --- | --- | --- |",
+    ]
+    for name, value in bf16["latency_ms"].items():
+        lines.append(f"| {name} | {value:.1f} | {value / ours_bf16:.2f} |")
+    lines += [
+        "",
+        f"Depth of the default configuration in bf16 against fp32 (random weights): mean difference "
+        f"{bf16['depth_difference_m']['mean'] * 1000:.2f} mm, largest {bf16['depth_difference_m']['max'] * 1000:.2f} mm.",
+        "",
         "## 2. Where this project's pipeline time goes (batch 1, 640x480)",
         "",
         "| configuration | preprocess (ms) | forward (ms) | postprocess (ms) | pipeline overhead (ms) | end to end (ms) "
@@ -768,6 +804,8 @@ def main(argv=None) -> int:
         pipelines = {name: load_pipeline(folders[name]) for name in MODELS}
         progress("end to end, batch 1 and batch 8")
         results["end_to_end"] = bench_end_to_end(pipelines, frames, repeats, batch_repeats)
+        progress("bf16, batch 1")
+        results["bf16"] = bench_bf16(folders, pipelines, frames, repeats)
         progress("pipeline stages")
         results["stages"] = {name: bench_stages(pipelines[name], frames[0], repeats * 2) for name in (OURS_DEFAULT, OURS_PAPER)}
         progress("FLOP/s against matmul")
