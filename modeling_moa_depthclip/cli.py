@@ -32,8 +32,6 @@ def load_depth_pipeline(model: str, device: str | None = None):
     import torch
     from transformers import pipeline
 
-    import modeling_moa_depthclip  # noqa: F401  (registers the model with the auto classes)
-
     if os.path.sep in model or model.startswith("."):
         if not os.path.isdir(model):
             _fail(f"model folder {model} does not exist")

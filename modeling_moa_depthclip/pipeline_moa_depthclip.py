@@ -3,9 +3,7 @@
 import os
 
 import numpy as np
-from PIL import Image
 from transformers import DepthEstimationPipeline
-from transformers.image_utils import load_image
 
 from .image_processing_moa_depthclip import load_image_file
 from .visualization import colorize_unit_depth, grayscale_unit_depth, normalize_depth
@@ -29,12 +27,7 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
     def preprocess(self, image, timeout=None):
         if isinstance(image, (str, os.PathLike)) and not str(image).startswith(("http://", "https://", "data:")):
             image = load_image_file(image)
-        elif not isinstance(image, Image.Image):
-            image = load_image(image, timeout)
-        model_inputs = self.image_processor(images=image, return_tensors="pt")
-        model_inputs = model_inputs.to(self.dtype)
-        model_inputs["target_size"] = image.size[::-1]
-        return model_inputs
+        return super().preprocess(image, timeout=timeout)
 
     def postprocess(self, model_outputs):
         outputs = self.image_processor.post_process_depth_estimation(model_outputs, [model_outputs["target_size"]])
