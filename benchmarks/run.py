@@ -53,6 +53,8 @@ THROUGHPUT_BATCH = 8
 
 OURS_DEFAULT = "MoA-DepthCLIP default"
 OURS_PAPER = "MoA-DepthCLIP paper"
+# the default model loaded with `pack_weights_for_cpu_inference=False`: MKL's sgemm instead of `PackedLinear`
+OURS_UNPACKED = "MoA-DepthCLIP default, unpacked weights"
 DEPTH_ANYTHING = "Depth Anything V2 Small"
 DPT_HYBRID = "DPT-Hybrid"
 MODELS = (OURS_DEFAULT, OURS_PAPER, DEPTH_ANYTHING, DPT_HYBRID)
@@ -126,13 +128,14 @@ def save_models(folder: Path) -> dict:
     return folders
 
 
-def load_pipeline(folder, dtype="float32"):
+def load_pipeline(folder, dtype="float32", unpacked=False):
     import modeling_moa_depthclip  # noqa: F401  (registers the model and the depth-estimation pipeline)
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return pipeline("depth-estimation", model=str(folder), device="cpu", dtype=dtype)
+    model_kwargs = {"pack_weights_for_cpu_inference": False} if unpacked else {}
+    return pipeline("depth-estimation", model=str(folder), device="cpu", dtype=dtype, model_kwargs=model_kwargs)
 
 
 def load_frames(count: int):
@@ -242,32 +245,48 @@ def bench_stages(pipe, image, repeats):
 # 3. closeness to the machine's limit
 
 
+def _packed_linear_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs):
+    """FLOPs of `mkldnn._linear_pointwise` (the kernel of `PackedLinear`), which FlopCounterMode does not know."""
+    rows = int(np.prod(input_shape[:-1]))
+    return 2 * rows * weight_shape[0] * weight_shape[1]
+
+
 def bench_flops(pipelines, repeats):
+    """The forward's FLOP/s against the faster of torch.mm (MKL) and oneDNN on a large fp32 matmul."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(MATMUL_N, MATMUL_N, generator=generator)
     b = torch.randn(MATMUL_N, MATMUL_N, generator=generator)
+    packed_b = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), MATMUL_N)
+    matmuls = {
+        "matmul (torch.mm)": lambda: torch.mm(a, b),
+        "matmul (oneDNN)": lambda: torch.ops.mkldnn._linear_pointwise(a, packed_b, None, "none", [], ""),
+    }
     results = {}
     for name in (OURS_DEFAULT, OURS_PAPER):
         model = pipelines[name].model
         pixel_values = torch.randn(THROUGHPUT_BATCH, 3, 224, 224, generator=generator)
         with torch.inference_mode():
-            counter = FlopCounterMode(display=False)
+            counter = FlopCounterMode(
+                display=False, custom_mapping={torch.ops.mkldnn._linear_pointwise: _packed_linear_flops}
+            )
             with counter:
                 model(pixel_values=pixel_values)
             times = interleaved_medians(
-                {"forward": lambda: model(pixel_values=pixel_values), "matmul": lambda: torch.mm(a, b)},
-                repeats, warmup=2,
+                {"forward": lambda: model(pixel_values=pixel_values), **matmuls}, repeats, warmup=2
             )
         flops = counter.get_total_flops()
         by_op = {str(op).split(".")[-1]: count for op, count in counter.get_flop_counts()["Global"].items()}
-        matmul_rate = 2 * MATMUL_N**3 / times["matmul"]
+        rates = {label: 2 * MATMUL_N**3 / times[label] for label in matmuls}
+        matmul_rate = max(rates.values())
         results[name] = {
             "gflops": flops / 1e9,
             "forward_ms": times["forward"] * 1e3,
             "achieved": flops / times["forward"] / 1e9,
+            "matmul_mkl": rates["matmul (torch.mm)"] / 1e9,
+            "matmul_onednn": rates["matmul (oneDNN)"] / 1e9,
             "matmul": matmul_rate / 1e9,
             "fraction": flops / times["forward"] / matmul_rate,
             "by_op": {op: count / flops for op, count in by_op.items()},
@@ -311,13 +330,13 @@ def _peak_of(function):
     return {"peak": peak, "baseline": baseline, "rise": peak - baseline, "exact": exact}
 
 
-def child_inference_memory(folder, batch_size):
+def child_inference_memory(folder, batch_size, unpacked=False):
     """Peak memory of the first pipeline call after loading, at one batch size (a fresh process per batch size:
     memory the allocator keeps from an earlier call would hide what a later one needs)."""
     import torch
 
     frames = load_frames(batch_size)
-    pipe = load_pipeline(folder)
+    pipe = load_pipeline(folder, unpacked=unpacked)
     with torch.no_grad():  # page in weights the loader may have memory-mapped, so the rise is the call's own
         for tensor in [*pipe.model.parameters(), *pipe.model.buffers()]:
             tensor.sum()
@@ -447,7 +466,8 @@ def bench_onnx(pipe, frames, folder, repeats):
         export_onnx(pipe.model, pipe.image_processor, path)
     export_s = time.perf_counter() - start
     threads = torch.get_num_threads()
-    estimator = OnnxDepthEstimator(path, intra_op_num_threads=threads)
+    # without spinning: onnxruntime's busy-waiting threads would slow the PyTorch runs interleaved with them
+    estimator = OnnxDepthEstimator(path, intra_op_num_threads=threads, allow_spinning=False)
     session = estimator.session
     results = {"opset": DEFAULT_OPSET, "export_s": export_s, "threads": threads, "ort": onnxruntime.__version__}
     for batch in (1, THROUGHPUT_BATCH):
@@ -580,6 +600,10 @@ def render(results, quick) -> str:
         "fusion 256), `DPTImageProcessorPil` 384x384. transformers' torchvision image processors are not used "
         "(no torchvision here).",
         "",
+        f"{OURS_UNPACKED} is the default's saved model loaded with `pack_weights_for_cpu_inference=False`: its "
+        "linear layers run `F.linear` (MKL's sgemm for fp32 on CPU) instead of `PackedLinear` (oneDNN on weights "
+        "packed once), the only difference between the two rows.",
+        "",
     ]
     bf16 = results["bf16"]
     ours_bf16 = bf16["latency_ms"][OURS_DEFAULT]
@@ -587,8 +611,8 @@ def render(results, quick) -> str:
         "### bf16 on this CPU (information, not a floor)",
         "",
         "`pipeline(\"depth-estimation\", model=folder, dtype=\"bfloat16\")`, batch 1, timed round-robin like the table "
-        "above. Batch-1 fp32 inference of ViT-B/32 is bound by reading its 340 MB of weights; bf16 halves them (and "
-        "uses AMX where the CPU has it).",
+        "above. bf16 halves the bytes of every weight and activation and runs on the CPU's bf16 instructions "
+        "(AVX512-BF16, AMX) where it has them; it is not the default because it changes the outputs.",
         "",
         "| model | batch-1 latency bf16 (ms) | x default bf16 |",
         "| --- | --- | --- |",
@@ -623,20 +647,22 @@ def render(results, quick) -> str:
         "",
         f"## 3. Model forward against the machine's matmul rate (batch {THROUGHPUT_BATCH}, 224x224, fp32)",
         "",
-        f"| configuration | GFLOP per batch | forward (ms) | achieved GFLOP/s | {MATMUL_N}x{MATMUL_N} matmul GFLOP/s "
-        "| fraction | FLOPs by op |",
+        f"| configuration | GFLOP per batch | forward (ms) | achieved GFLOP/s | {MATMUL_N}x{MATMUL_N} matmul GFLOP/s: "
+        "torch.mm / oneDNN | fraction of the faster | FLOPs by op |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in flops.items():
         by_op = ", ".join(f"{op} {share:.1%}" for op, share in sorted(row["by_op"].items(), key=lambda kv: -kv[1]))
         lines.append(
-            f"| {name} | {row['gflops']:.1f} | {row['forward_ms']:.0f} | {row['achieved']:.0f} | {row['matmul']:.0f} | "
-            f"{row['fraction']:.0%} | {by_op} |"
+            f"| {name} | {row['gflops']:.1f} | {row['forward_ms']:.0f} | {row['achieved']:.0f} | "
+            f"{row['matmul_mkl']:.0f} / {row['matmul_onednn']:.0f} | {row['fraction']:.0%} | {by_op} |"
         )
     lines += [
         "",
         "FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on the executed forward (2 per multiply-add; "
-        "elementwise ops, softmax and normalisation are not counted, so the fraction understates the work done).",
+        "`_linear_pointwise` is oneDNN's linear, run by `PackedLinear`; elementwise ops, softmax and normalisation "
+        "are not counted, so the fraction understates the work done). The machine's matmul rate is the faster of "
+        "the two libraries on the same matmul, timed interleaved with the forward.",
         "",
         f"## 4. Training cost (batch {TRAIN_BATCH}, {TRAIN_SIZE}x{TRAIN_SIZE}, AdamW, composite loss)",
         "",
@@ -687,14 +713,15 @@ def render(results, quick) -> str:
         "Each figure from a fresh process: the pipeline is loaded and every weight read once (so memory-mapped "
         "weights are resident), then one call is measured (a first call, so one-time allocations count). "
         "Peak = resident-set high-water mark of the whole process during the call; rise = peak minus the resident "
-        "set just before it.",
+        "set just before it. The packed model's first call builds `PackedLinear`'s packed copy of every linear "
+        "weight, which stays resident: that is the difference from the unpacked row.",
     ]
     onnx = results.get("onnx")
     if onnx:
         lines += [
             "",
             f"## 6. ONNX ({OURS_DEFAULT}, opset {onnx['opset']}, onnxruntime {onnx['ort']}, CPU, "
-            f"{onnx['threads']} threads)",
+            f"{onnx['threads']} threads, no spinning)",
             "",
             "| batch | onnxruntime forward (ms) | PyTorch forward (ms) | max abs difference (m) |",
             "| --- | --- | --- | --- |",
@@ -707,7 +734,8 @@ def render(results, quick) -> str:
             f"End to end without PyTorch (`conversion/onnx_inference.py`: PIL + NumPy preprocessing, onnxruntime, "
             f"bilinear resize to 640x480, no depth pictures): {onnx['end_to_end_ms']:.1f} ms per image, against "
             f"{onnx['pipeline_ms']:.1f} ms for the PyTorch pipeline (which also draws two depth pictures). "
-            f"Export took {onnx['export_s']:.0f} s.",
+            f"Export took {onnx['export_s']:.0f} s. The session runs with `allow_spinning=False`: onnxruntime's "
+            "idle threads otherwise busy-wait after each run and slow the PyTorch runs interleaved with them.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -771,7 +799,7 @@ def main(argv=None) -> int:
     if args.child:
         kind, *rest = args.child
         if kind == "inference":
-            result = child_inference_memory(rest[0], int(rest[1]))
+            result = child_inference_memory(rest[0], int(rest[1]), unpacked=rest[2:] == ["unpacked"])
         else:
             result = child_training(rest[0], int(rest[1]))
         print(json.dumps(result))
@@ -800,8 +828,12 @@ def main(argv=None) -> int:
             name: {f"batch{b}": run_child("inference", folders[name], b) for b in (1, THROUGHPUT_BATCH)}
             for name in MODELS
         }
+        results["inference_memory"][OURS_UNPACKED] = {
+            f"batch{b}": run_child("inference", folders[OURS_DEFAULT], b, "unpacked") for b in (1, THROUGHPUT_BATCH)
+        }
 
         pipelines = {name: load_pipeline(folders[name]) for name in MODELS}
+        pipelines[OURS_UNPACKED] = load_pipeline(folders[OURS_DEFAULT], unpacked=True)
         progress("end to end, batch 1 and batch 8")
         results["end_to_end"] = bench_end_to_end(pipelines, frames, repeats, batch_repeats)
         progress("bf16, batch 1")

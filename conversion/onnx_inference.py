@@ -16,6 +16,9 @@ ONNX file's metadata, so the `.onnx` file is all this needs. Preprocessing repro
 CLIP normalisation) and the depth is resized back to each image's size with bilinear interpolation
 (half-pixel centres, as `torch.nn.functional.interpolate(mode="bilinear")` does in the pipeline), so the result
 matches `pipeline("depth-estimation")` to float rounding.
+
+Sharing the CPU with other work (a server, a benchmark), pass `allow_spinning=False`: onnxruntime's idle threads
+otherwise busy-wait after each run.
 """
 
 from __future__ import annotations
@@ -73,12 +76,15 @@ def _open_image(path) -> Image.Image:
 class OnnxDepthEstimator:
     """An exported MoA-DepthCLIP model in onnxruntime, with the image processor's pre- and postprocessing."""
 
-    def __init__(self, path, providers=None, intra_op_num_threads: int | None = None):
+    def __init__(self, path, providers=None, intra_op_num_threads: int | None = None, allow_spinning: bool = True):
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         if intra_op_num_threads:
             options.intra_op_num_threads = intra_op_num_threads
+        if not allow_spinning:
+            # onnxruntime's idle threads busy-wait after each run, taking the cores from whatever runs next
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(
             os.fspath(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
         )

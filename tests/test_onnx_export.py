@@ -184,3 +184,13 @@ def test_help_states_opset():
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert f"opset {exporter.DEFAULT_OPSET}" in completed.stdout
+
+
+def test_estimator_can_turn_thread_spinning_off(exported):
+    _, _, path = exported
+    entry = "session.intra_op.allow_spinning"
+    quiet = OnnxDepthEstimator(path, intra_op_num_threads=2, allow_spinning=False).session.get_session_options()
+    assert quiet.get_session_config_entry(entry) == "0" and quiet.intra_op_num_threads == 2
+    default = OnnxDepthEstimator(path).session.get_session_options()
+    with pytest.raises(Exception, match="allow_spinning"):  # unset: onnxruntime's default (spinning) applies
+        default.get_session_config_entry(entry)
