@@ -350,7 +350,8 @@ class PackedLinear(nn.Linear):
     (`benchmarks/run.py` measures it) and equal up to fp32 rounding. The packed copy is built on the first eligible
     call, rebuilt when the weight changes (new storage or an in-place update), dropped by `train()`, and never
     enters the state dict: keys and values are those of `nn.Linear`. It costs one more copy of the weight in
-    memory. Autograd, training mode, other dtypes and devices, tracing and export take `nn.Linear`'s own path.
+    memory. Autograd, training mode, autocast, other dtypes and devices, tracing and export take `nn.Linear`'s own
+    path.
     """
 
     # module -> (weight storage, weight version, packed weight); kept outside the module so that copying or
@@ -381,6 +382,7 @@ class PackedLinear(nn.Linear):
             and type(input) is torch.Tensor  # not a fake, functional or proxy tensor of tracing and export
             and input.device.type == "cpu"
             and input.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")  # autocast would run this layer in bf16
             and self.weight.dtype == torch.float32
             and not self.weight.is_inference()  # no version counter to tell when it changes
             and (self.bias is None or self.bias.dtype == torch.float32)

@@ -124,6 +124,17 @@ def test_bf16_and_dtype_changes_fall_back_and_free_the_packed_copies():
 
 
 @needs_onednn
+def test_autocast_keeps_its_bf16_matmuls():
+    packed, plain = pair()
+    x = pixels()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = packed(pixel_values=x, output_hidden_states=True).hidden_states[-1]
+        expected = plain(pixel_values=x, output_hidden_states=True).hidden_states[-1]
+    assert packed_count(packed) == 0
+    assert torch.equal(got, expected)
+
+
+@needs_onednn
 def test_a_packed_model_can_be_copied_and_pickled():
     packed, plain = pair()
     x = pixels()
