@@ -1,12 +1,16 @@
-"""The composite depth loss of MoA-DepthCLIP, one small function per term.
+"""The composite depth loss of MoA-DepthCLIP: `DepthLoss`, built from one small function per term.
 
 Every term takes a prediction and a target in metres with a boolean `mask` of valid pixels, so that invalid
-ground truth (zero, negative, NaN, beyond `max_depth`) never contributes. A term with no valid pixel is 0 with
-a gradient path, so a batch of empty frames does not produce NaN.
+ground truth (zero, negative, NaN, outside the model's `[min_depth, max_depth]`) never contributes. A term with
+no valid pixel is 0 with a gradient path, so a batch of empty frames does not produce NaN.
 """
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.utils import ModelOutput
 
 
 def valid_depth_mask(depth: torch.Tensor, max_depth: float, min_depth: float = 0.0) -> torch.Tensor:
@@ -139,3 +143,97 @@ def router_entropy_loss(gates: torch.Tensor) -> torch.Tensor:
     """Mean per-token entropy of the gate distribution (lower means more decisive routing)."""
     p = gates.float().clamp_min(1e-9)
     return -(p * p.log()).sum(-1).mean()
+
+
+def depth_bin_edges(config, device=None, dtype=torch.float32) -> torch.Tensor:
+    """`num_depth_bins + 1` bin edges between `config.min_depth` and `config.max_depth`, linear or log spaced."""
+    n = config.num_depth_bins
+    if config.bin_spacing == "log":
+        return torch.exp(
+            torch.linspace(math.log(config.min_depth), math.log(config.max_depth), n + 1, device=device)
+        ).to(dtype)
+    return torch.linspace(config.min_depth, config.max_depth, n + 1, device=device).to(dtype)
+
+
+def depth_bin_centers(config, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Centre of each bin of `depth_bin_edges`: geometric for log spacing, arithmetic for linear."""
+    edges = depth_bin_edges(config, device=device, dtype=torch.float32)
+    if config.bin_spacing == "log":
+        centers = torch.sqrt(edges[:-1] * edges[1:])
+    else:
+        centers = (edges[:-1] + edges[1:]) / 2
+    return centers.to(dtype)
+
+
+@dataclass
+class DepthLossOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`): `sum_k loss_weights[k] * components[k]` plus `router_aux_loss_coef * router_aux_loss`.
+    components (`dict[str, torch.FloatTensor]`): Each unweighted term, detached, and `router_aux`.
+    router_aux_loss (`torch.FloatTensor`): The auxiliary router loss, unweighted, with its graph.
+    valid_mask (`torch.BoolTensor` of shape `(batch_size, height, width)`):
+        The label pixels the loss supervised: finite and within `[config.min_depth, config.max_depth]`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    components: dict | None = None
+    router_aux_loss: torch.FloatTensor | None = None
+    valid_mask: torch.BoolTensor | None = None
+
+
+class DepthLoss:
+    """The training objective of a MoA-DepthCLIP configuration, every setting read from that configuration.
+
+    - valid pixels: `valid_depth_mask` with `config.min_depth` / `config.max_depth`;
+    - `bin_ce` on the head's grid against `depth_bin_edges(config)`, after `resize_depth_to_grid`;
+    - `l1`, `silog` (variance focus `config.silog_lambda`), `gradient` and `ssim` (scaled by `config.max_depth`) on
+      the prediction at the labels' resolution;
+    - each weighted by `config.loss_weights`, plus `config.router_aux_loss_coef` times the `config.router_aux_loss`
+      term (averaged over the MoA layers).
+    """
+
+    def __init__(self, config):
+        self.config = config
+
+    def valid_mask(self, labels: torch.Tensor) -> torch.Tensor:
+        return valid_depth_mask(labels, self.config.max_depth, self.config.min_depth)
+
+    def router_aux_loss(self, gates_per_layer) -> torch.Tensor:
+        term = router_entropy_loss if self.config.router_aux_loss == "entropy" else router_balance_loss
+        return torch.stack([term(gates) for gates in gates_per_layer]).mean()
+
+    def __call__(self, predicted_depth, bin_logits, labels, gates_per_layer) -> DepthLossOutput:
+        """`predicted_depth` `[batch, H, W]` in metres, `bin_logits` `[batch, bins, h, w]`, `labels` `[batch, H', W']`
+        (or `[batch, 1, H', W']`) in metres, `gates_per_layer` the router gates `[batch, tokens, experts]` of each
+        MoA layer."""
+        config = self.config
+        if labels.dim() == 4 and labels.shape[1] == 1:
+            labels = labels.squeeze(1)
+        if labels.dim() != 3 or labels.shape[0] != predicted_depth.shape[0]:
+            raise ValueError(
+                f"labels of shape {tuple(labels.shape)} cannot match predicted_depth of shape "
+                f"{tuple(predicted_depth.shape)}: expected (batch={predicted_depth.shape[0]}, height, width)"
+            )
+        labels = labels.to(device=predicted_depth.device, dtype=torch.float32)
+        prediction = predicted_depth.float()
+        if prediction.shape[-2:] != labels.shape[-2:]:
+            prediction = F.interpolate(prediction.unsqueeze(1), size=labels.shape[-2:], mode="bilinear").squeeze(1)
+        mask = self.valid_mask(labels)
+
+        grid_depth, grid_mask = resize_depth_to_grid(labels, mask, tuple(bin_logits.shape[-2:]))
+        terms = {
+            "bin_ce": bin_cross_entropy_loss(
+                bin_logits, grid_depth, grid_mask, depth_bin_edges(config, device=labels.device)
+            ),
+            "l1": l1_loss(prediction, labels, mask),
+            "silog": silog_loss(prediction, labels, mask, variance_focus=config.silog_lambda),
+            "gradient": gradient_loss(prediction, labels, mask),
+            "ssim": ssim_loss(prediction, labels, mask, max_depth=config.max_depth),
+        }
+        router_aux = self.router_aux_loss(gates_per_layer)
+        loss = sum(config.loss_weights[name] * value for name, value in terms.items())
+        if config.router_aux_loss_coef > 0:
+            loss = loss + config.router_aux_loss_coef * router_aux
+        components = {name: value.detach() for name, value in terms.items()}
+        components["router_aux"] = router_aux.detach()
+        return DepthLossOutput(loss=loss, components=components, router_aux_loss=router_aux, valid_mask=mask)

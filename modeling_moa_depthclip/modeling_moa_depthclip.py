@@ -22,17 +22,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import DepthEstimatorOutput
 
 from .configuration_moa_depthclip import MoADepthCLIPConfig
-from .losses import (
-    bin_cross_entropy_loss,
-    gradient_loss,
-    l1_loss,
-    resize_depth_to_grid,
-    router_balance_loss,
-    router_entropy_loss,
-    silog_loss,
-    ssim_loss,
-    valid_depth_mask,
-)
+from .losses import DepthLoss, depth_bin_centers, depth_bin_edges
 
 
 @dataclass
@@ -54,6 +44,8 @@ class MoADepthCLIPDepthEstimatorOutput(DepthEstimatorOutput):
         The image's softmax similarity to each depth prompt (from the last MoA layer's context).
     router_aux_loss (`torch.FloatTensor`, *optional*): The auxiliary router loss, unweighted (with `labels`).
     loss_components (`dict[str, torch.FloatTensor]`, *optional*): Each unweighted loss term, detached.
+    valid_label_mask (`torch.BoolTensor` of shape `(batch_size, label_height, label_width)`, *optional*):
+        The label pixels the loss supervised (finite, within `[config.min_depth, config.max_depth]`), with `labels`.
     """
 
     classification_depth: torch.FloatTensor | None = None
@@ -64,25 +56,7 @@ class MoADepthCLIPDepthEstimatorOutput(DepthEstimatorOutput):
     prompt_probs: torch.FloatTensor | None = None
     router_aux_loss: torch.FloatTensor | None = None
     loss_components: dict | None = None
-
-
-def depth_bin_edges(config: MoADepthCLIPConfig, device=None, dtype=torch.float32) -> torch.Tensor:
-    """`num_depth_bins + 1` bin edges between `min_depth` and `max_depth`, linear or log spaced."""
-    n = config.num_depth_bins
-    if config.bin_spacing == "log":
-        return torch.exp(
-            torch.linspace(math.log(config.min_depth), math.log(config.max_depth), n + 1, device=device)
-        ).to(dtype)
-    return torch.linspace(config.min_depth, config.max_depth, n + 1, device=device).to(dtype)
-
-
-def depth_bin_centers(config: MoADepthCLIPConfig, device=None, dtype=torch.float32) -> torch.Tensor:
-    edges = depth_bin_edges(config, device=device, dtype=torch.float32)
-    if config.bin_spacing == "log":
-        centers = torch.sqrt(edges[:-1] * edges[1:])
-    else:
-        centers = (edges[:-1] + edges[1:]) / 2
-    return centers.to(dtype)
+    valid_label_mask: torch.BoolTensor | None = None
 
 
 class GlobalSemanticContext(nn.Module):
@@ -462,6 +436,7 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         self.moa = nn.ModuleDict({str(index): MixtureOfAdapters(config) for index in config.moa_layers})
         self.decoder = MultiScaleDepthDecoder(config) if config.decoder == "multiscale" else PatchGridDecoder(config)
         self.head = HybridDepthHead(config, self.decoder.out_channels)
+        self.depth_loss = DepthLoss(config)
         self.post_init()
         self.apply_trainable_mask()
         if config.pack_weights_for_cpu_inference:
@@ -574,10 +549,10 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
 
         router_probs = torch.stack([g.mean(dim=1) for g in gates_per_layer], dim=1)
 
-        loss, loss_components, router_aux_loss = None, None, None
+        loss_output = None
         if labels is not None:
-            router_aux_loss = self._router_aux_loss(gates_per_layer)
-            loss, loss_components = self.compute_loss(predicted_depth, bin_logits, labels, router_aux_loss)
+            loss_output = self.depth_loss(predicted_depth, bin_logits, labels, gates_per_layer)
+        loss = loss_output.loss if loss_output is not None else None
 
         if not return_dict:
             output = (predicted_depth,) + ((tuple(all_hidden_states),) if output_hidden_states else ())
@@ -592,8 +567,9 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
             bin_logits=bin_logits,
             router_probs=router_probs,
             prompt_probs=prompt_probs,
-            router_aux_loss=router_aux_loss,
-            loss_components=loss_components,
+            router_aux_loss=loss_output.router_aux_loss if loss_output is not None else None,
+            loss_components=loss_output.components if loss_output is not None else None,
+            valid_label_mask=loss_output.valid_mask if loss_output is not None else None,
         )
 
     def _check_pixel_values(self, pixel_values):
@@ -615,46 +591,6 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
                 f"{patch_size} (the image processor resizes to such a size)"
             )
         return pixel_values
-
-    def _router_aux_loss(self, gates_per_layer):
-        if self.config.router_aux_loss == "entropy":
-            terms = [router_entropy_loss(g) for g in gates_per_layer]
-        else:
-            terms = [router_balance_loss(g) for g in gates_per_layer]
-        return torch.stack(terms).mean()
-
-    def compute_loss(self, predicted_depth, bin_logits, labels, router_aux_loss):
-        """The composite loss: each term of `config.loss_weights` on valid pixels, plus the weighted router loss."""
-        config = self.config
-        if labels.dim() == 4 and labels.shape[1] == 1:
-            labels = labels.squeeze(1)
-        if labels.dim() != 3 or labels.shape[0] != predicted_depth.shape[0]:
-            raise ValueError(
-                f"labels of shape {tuple(labels.shape)} cannot match predicted_depth of shape "
-                f"{tuple(predicted_depth.shape)}: expected (batch={predicted_depth.shape[0]}, height, width)"
-            )
-        labels = labels.to(device=predicted_depth.device, dtype=torch.float32)
-        prediction = predicted_depth.float()
-        if prediction.shape[-2:] != labels.shape[-2:]:
-            prediction = F.interpolate(prediction.unsqueeze(1), size=labels.shape[-2:], mode="bilinear").squeeze(1)
-        mask = valid_depth_mask(labels, config.max_depth, config.min_depth)
-
-        grid_depth, grid_mask = resize_depth_to_grid(labels, mask, tuple(bin_logits.shape[-2:]))
-        terms = {
-            "bin_ce": bin_cross_entropy_loss(
-                bin_logits, grid_depth, grid_mask, depth_bin_edges(config, device=labels.device)
-            ),
-            "l1": l1_loss(prediction, labels, mask),
-            "silog": silog_loss(prediction, labels, mask, variance_focus=config.silog_lambda),
-            "gradient": gradient_loss(prediction, labels, mask),
-            "ssim": ssim_loss(prediction, labels, mask, max_depth=config.max_depth),
-        }
-        loss = sum(config.loss_weights[name] * value for name, value in terms.items())
-        if config.router_aux_loss_coef > 0:
-            loss = loss + config.router_aux_loss_coef * router_aux_loss
-        components = {name: value.detach() for name, value in terms.items()}
-        components["router_aux"] = router_aux_loss.detach()
-        return loss, components
 
 
 __all__ = ["MoADepthCLIPForDepthEstimation", "MoADepthCLIPPreTrainedModel", "MoADepthCLIPDepthEstimatorOutput"]

@@ -131,3 +131,49 @@ def test_router_losses():
     assert router_balance_loss(collapsed).item() == pytest.approx(4.0)
     balanced = torch.eye(4).repeat(2, 5, 1)[:, :20]
     assert router_balance_loss(balanced).item() == pytest.approx(1.0)
+
+
+def _composite_by_hand(config, prediction, bin_logits, labels, gates_per_layer):
+    """The composite loss written out term by term, from the functions of this module and the config's fields."""
+    from modeling_moa_depthclip.losses import depth_bin_edges
+
+    mask = valid_depth_mask(labels, config.max_depth, config.min_depth)
+    grid_depth, grid_mask = resize_depth_to_grid(labels, mask, tuple(bin_logits.shape[-2:]))
+    w = config.loss_weights
+    total = (
+        w["bin_ce"] * bin_cross_entropy_loss(bin_logits, grid_depth, grid_mask, depth_bin_edges(config))
+        + w["l1"] * l1_loss(prediction, labels, mask)
+        + w["silog"] * silog_loss(prediction, labels, mask, variance_focus=config.silog_lambda)
+        + w["gradient"] * gradient_loss(prediction, labels, mask)
+        + w["ssim"] * ssim_loss(prediction, labels, mask, max_depth=config.max_depth)
+    )
+    router = torch.stack([router_balance_loss(g) for g in gates_per_layer]).mean()
+    return total + config.router_aux_loss_coef * router, mask
+
+
+@pytest.mark.parametrize("max_depth", [10.0, 80.0])
+def test_depth_loss_is_the_weighted_composite_on_the_configs_depth_range(max_depth):
+    from modeling_moa_depthclip.losses import DepthLoss
+    from tiny_models import tiny_config
+
+    config = tiny_config(max_depth=max_depth, router_aux_loss_coef=0.3, loss_weights={"l1": 0.7})
+    torch.manual_seed(0)
+    labels = 60.0 * torch.rand(2, 32, 32)  # up to 60 m: beyond a 10 m model's range, within an 80 m one's
+    labels[:, :3] = 0.0
+    prediction = 1.0 + 5.0 * torch.rand(2, 32, 32)
+    bin_logits = torch.randn(2, config.num_depth_bins, 8, 8)
+    gates = [torch.rand(2, 17, config.num_experts).softmax(-1) for _ in config.moa_layers]
+    out = DepthLoss(config)(prediction, bin_logits, labels, gates)
+    expected, mask = _composite_by_hand(config, prediction, bin_logits, labels, gates)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.equal(out.valid_mask, mask)
+    # what the loss supervised: on the 80 m model the labels beyond 10 m, on the 10 m model none of them
+    beyond_10m = int(((labels > 10.0) & out.valid_mask).sum())
+    if max_depth == 80.0:
+        assert beyond_10m == int((labels > 10.0).sum()) > 0
+    else:
+        assert beyond_10m == 0 and int(out.valid_mask.sum()) == int(((labels > 0) & (labels <= 10.0)).sum())
+    assert set(out.components) == {"bin_ce", "l1", "silog", "gradient", "ssim", "router_aux"}
+    # a loss on the other range gives another value: the range is read from the config, not assumed
+    other = tiny_config(max_depth=90.0 - max_depth, router_aux_loss_coef=0.3, loss_weights={"l1": 0.7})
+    assert DepthLoss(other)(prediction, bin_logits, labels, gates).loss.item() != pytest.approx(out.loss.item())

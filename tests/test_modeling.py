@@ -167,6 +167,11 @@ def test_loss_is_the_weighted_sum_of_its_parts_and_ignores_invalid_pixels():
         assert model(pixels, labels=other).loss.item() == pytest.approx(out.loss.item(), rel=1e-5)
         # labels at another resolution are compared with the prediction resized to them
         assert torch.isfinite(model(pixels, labels=labels[:, ::2, ::2]).loss)
+    # the output says which label pixels were supervised: not the 0, NaN or beyond-range rows
+    expected_mask = torch.ones(2, 64, 64, dtype=torch.bool)
+    expected_mask[:, :14] = False
+    assert torch.equal(out.valid_label_mask, expected_mask)
+    assert model(pixels).valid_label_mask is None
 
 
 def test_labels_that_cannot_match_name_both_shapes():
