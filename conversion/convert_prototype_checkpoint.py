@@ -1,6 +1,6 @@
 """Map a checkpoint of the authors' prototype into a MoA-DepthCLIP checkpoint folder, wherever the architectures match.
 
-    python conversion/convert_prototype_checkpoint.py --checkpoint FILE --output_dir DIR
+    python -m conversion.convert_prototype_checkpoint --checkpoint FILE --output_dir DIR
         (--clip_model SOURCE [--tokenizer T] | --prompt_embeddings FILE) [--adapter_layers 2 5 8 11] [options]
 
 The prototype saved an open_clip ViT image tower (`visual.*`), one MLP adapter per adapted block
@@ -8,7 +8,7 @@ The prototype saved an open_clip ViT image tower (`visual.*`), one MLP adapter p
 `x + adapter(x)` after blocks 2, 5, 8, 11; `i` counts the adapters in block order) and `project_to_text_dim`
 (Linear 768->512) feeding its prompt-scoring depth head. What maps, exactly:
 
-* `visual.*` -> `vision_model.*` through clip_checkpoints' OpenAI->transformers conversion of the image tower;
+* `visual.*` -> `vision_model.*` through `modeling_moa_depthclip.clip_checkpoints`' OpenAI->transformers conversion of the image tower;
 * adapter `i` -> the one-expert Mixture-of-Adapters after block `adapter_layers[i]` (`num_experts=1`: the softmax
   over one expert is exactly 1, so the router has no effect and `x + up(gelu(down(x)))` is reproduced exactly);
 * `semantic_context.image_projection` (applied to CLIP's `ln_post(CLS)`) <- `visual.proj`, CLIP's own projection of
@@ -31,39 +31,38 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `conversion` and `modeling_moa_depthclip` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):
+    sys.exit(f"run this from the repository root as a module: python -m conversion.{Path(__file__).stem} ...")
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file as load_safetensors
-from torch import nn
-from transformers.utils import logging as transformers_logging
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import load_file as load_safetensors  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
-from conversion.clip_checkpoints import (
+from conversion.common import (  # noqa: E402
+    ConversionError,
+    add_moa_arguments,
+    build_config,
+    display_name,
+    moa_options_from_args,
+    one_line,
+    parameter_counts,
+    prepare_output_dir,
+    self_check,
+    write_checkpoint,
+)
+from conversion.model_card import ModelCardError, config_details, render_model_card  # noqa: E402
+from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, MoADepthCLIPImageProcessor  # noqa: E402
+from modeling_moa_depthclip.clip_checkpoints import (  # noqa: E402
     OPENAI_CLIP_TOKENIZER,
     load_clip_checkpoint,
     openai_visual_to_hf,
     unwrap_state_dict,
     vision_state_dict,
 )
-from conversion.convert_clip_to_moa_depthclip import (
-    ConversionError,
-    _display_name,
-    _one_line,
-    add_moa_arguments,
-    build_config,
-    compute_prompt_embeddings,
-    load_tokenizer,
-    moa_options_from_args,
-    parameter_counts,
-    prepare_output_dir,
-    self_check,
-    write_checkpoint,
-)
-from conversion.model_card import ModelCardError, config_details, render_model_card
-from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, MoADepthCLIPImageProcessor
+from modeling_moa_depthclip.clip_initialization import compute_prompt_embeddings, load_tokenizer  # noqa: E402
 
 __all__ = ["PrototypeConversion", "convert_prototype", "load_prototype_state_dict", "main", "map_prototype"]
 
@@ -123,7 +122,7 @@ def load_prototype_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor]
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # weights_only refuses anything but tensors and plain containers
             raise ConversionError(
-                f"cannot read {path} with torch.load(weights_only=True): {_one_line(error)}"
+                f"cannot read {path} with torch.load(weights_only=True): {one_line(error)}"
             ) from None
     else:
         raise ConversionError(
@@ -164,7 +163,7 @@ def load_prompt_embeddings_file(path: str | Path) -> torch.Tensor:
     except ConversionError:
         raise
     except Exception as error:
-        raise ConversionError(f"cannot read the prompt embeddings {path}: {_one_line(error)}") from None
+        raise ConversionError(f"cannot read the prompt embeddings {path}: {one_line(error)}") from None
     if isinstance(value, dict):
         tensors = {k: v for k, v in value.items() if isinstance(v, torch.Tensor)}
         if "prompt_embeddings" in tensors:
@@ -236,7 +235,7 @@ def map_prototype(
     try:
         result.vision = openai_visual_to_hf(visual, hidden_act=hidden_act)
     except ValueError as error:
-        raise ConversionError(f"the prototype's image tower (visual.*) does not convert: {_one_line(error)}") from None
+        raise ConversionError(f"the prototype's image tower (visual.*) does not convert: {one_line(error)}") from None
     vision_config = result.vision.vision_config
     for source, targets in result.vision.key_map.items():
         if targets == ["visual_projection.weight"]:
@@ -442,8 +441,8 @@ def convert_prototype(
             if k in clip_vision and clip_vision[k].shape == v.shape and torch.equal(clip_vision[k].float(), v.float())
         )  # fmt: skip
         prompts_report.update(
-            source=f"text tower of --clip_model {_display_name(str(clip_model))}",
-            tokenizer=_display_name(tokenizer_spec),
+            source=f"text tower of --clip_model {display_name(str(clip_model))}",
+            tokenizer=display_name(tokenizer_spec),
             vision_tensors_identical_to_clip_model=f"{len(same)} of {len(vision.vision_state_dict)}",
         )
         if not same:
@@ -494,6 +493,7 @@ def convert_prototype(
     }
     name = output.name
     card = render_model_card(
+        config=config,
         model_name=name,
         checkpoint_status=(
             "**Converted from the authors' prototype, head not trained.** The CLIP image tower and the "
@@ -552,7 +552,7 @@ def format_report(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="convert_prototype_checkpoint.py",
+        prog="python -m conversion.convert_prototype_checkpoint",
         description="Map a checkpoint of the authors' prototype (open_clip visual.*, adapters.{i}.down_project/"
         "up_project, project_to_text_dim) into a MoA-DepthCLIP folder with one-expert MoA modules, and report "
         "every tensor that does not map.",
@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                if k not in ("moa_layers", "num_experts", "adapter_bottleneck")},
         )  # fmt: skip
     except (ConversionError, ModelCardError, ValueError, OSError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     finally:
         if bars:

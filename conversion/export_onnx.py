@@ -1,6 +1,6 @@
 """Export a saved MoA-DepthCLIP model to ONNX and check it against PyTorch in onnxruntime.
 
-    python conversion/export_onnx.py --model PATH --output model.onnx [--images FILE_OR_DIR ...] [--overwrite]
+    python -m conversion.export_onnx --model PATH --output model.onnx [--images FILE_OR_DIR ...] [--overwrite]
 
 The ONNX graph takes `pixel_values` float32 `(batch, 3, height, width)` (the image processor's output; the batch
 axis is dynamic, height and width are fixed to the processor's size) and returns `predicted_depth` float32
@@ -14,7 +14,7 @@ and the torch-free inference path end to end with the PyTorch pipeline's depth a
 largest absolute difference in metres and exits with status 1 if it exceeds `--tolerance` (1e-3 m).
 
 Running the exported model without PyTorch (only numpy, pillow and onnxruntime) is what
-`conversion/onnx_inference.py` does, without importing torch:
+`conversion.onnx_inference` does, without importing torch:
 
     from conversion.onnx_inference import OnnxDepthEstimator
     estimator = OnnxDepthEstimator("model.onnx")
@@ -48,8 +48,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):
+    sys.exit(f"run this from the repository root as a module: python -m conversion.{Path(__file__).stem} ...")
 
 from conversion.onnx_inference import PREPROCESSING_METADATA_KEY, OnnxDepthEstimator  # noqa: E402
 

@@ -5,7 +5,8 @@ written by examples/evaluate.py: `d1, d2, d3, abs_rel, sq_rel, rmse, rmse_log, l
 protocol{...}`), never typed by hand. Without one the card says that there is no evaluation yet and has no
 `model-index`.
 
-    render_model_card(None, "metrics.json", model_name="moa-depthclip-nyu", model_id="user/moa-depthclip-nyu")
+    render_model_card(None, "metrics.json", config=model.config, model_name="moa-depthclip-nyu",
+                      model_id="user/moa-depthclip-nyu")
     update_model_card_results(readme_text, "metrics.json", model_name="moa-depthclip-nyu")
 """
 
@@ -53,7 +54,7 @@ RESULTS_END = "<!-- moa-depthclip:results:end -->"
 NO_EVALUATION = (
     "**No evaluation yet.** This checkpoint has not been evaluated, so this card reports no results of its own "
     "and its metadata carries no `model-index`. Evaluate it with `examples/evaluate.py` and publish with "
-    "`conversion/publish.py --metrics metrics.json` to fill this section from the evaluation output."
+    "`python -m conversion.publish --metrics metrics.json` to fill this section from the evaluation output."
 )
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -196,6 +197,7 @@ def render_model_card(
     template: str | os.PathLike | None = None,
     metrics_json: str | os.PathLike | Mapping | None = None,
     *,
+    config,
     model_name: str,
     model_id: str | None = None,
     base_model: str | None = None,
@@ -207,6 +209,7 @@ def render_model_card(
     Args:
         template: the template file; `MODEL_CARD.md` at the repository root by default.
         metrics_json: the evaluation JSON (path or mapping) of this checkpoint, or None for "no evaluation yet".
+        config: the checkpoint's `MoADepthCLIPConfig`: the depth range the card states comes from it.
         model_name: the card's title and the `model-index` name.
         model_id: Hub id or path shown in the usage examples (defaults to `model_name`).
         base_model: Hub id of the CLIP checkpoint the weights come from, when known (`base_model` metadata).
@@ -229,6 +232,8 @@ def render_model_card(
         or "This card describes a MoA-DepthCLIP checkpoint; see *Checkpoint* below for its configuration.",
         "checkpoint_details": _details_table(details or {}),
         "results": results_section(metrics),
+        "min_depth": f"{config.min_depth:g}",
+        "max_depth": f"{config.max_depth:g}",
     }
     used = set(_PLACEHOLDER.findall(body))
     unknown = sorted(used - set(fields))

@@ -8,9 +8,9 @@
 
 or from the command line (prints each image's depth range):
 
-    python conversion/onnx_inference.py model.onnx IMAGE...
+    python -m conversion.onnx_inference model.onnx IMAGE...
 
-`conversion/export_onnx.py` stores the image processor's settings (input size, resampling, mean and std) in the
+`conversion.export_onnx` stores the image processor's settings (input size, resampling, mean and std) in the
 ONNX file's metadata, so the `.onnx` file is all this needs. Preprocessing reproduces
 `MoADepthCLIPImageProcessor` (EXIF orientation, alpha over white, antialiased resize of the float image, clamp,
 CLIP normalisation) and the depth is resized back to each image's size with bilinear interpolation

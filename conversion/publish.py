@@ -1,6 +1,6 @@
 """Publish a MoA-DepthCLIP checkpoint folder to the Hugging Face Hub, after proving that it loads.
 
-    python conversion/publish.py --folder DIR --repo_id USER/NAME [--private] [--revision BRANCH]
+    python -m conversion.publish --folder DIR --repo_id USER/NAME [--private] [--revision BRANCH]
                                  [--commit_message MSG] [--metrics metrics.json]
 
 Before anything is uploaded the folder must pass, in this order:
@@ -31,12 +31,18 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `conversion` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):
+    sys.exit(f"run this from the repository root as a module: python -m conversion.{Path(__file__).stem} ...")
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi  # noqa: E402
 
-from conversion.model_card import ModelCardError, load_metrics, render_model_card, update_model_card_results
+from conversion.model_card import (  # noqa: E402
+    ModelCardError,
+    load_metrics,
+    render_model_card,
+    update_model_card_results,
+)
+from modeling_moa_depthclip import MoADepthCLIPConfig  # noqa: E402
 
 __all__ = ["PublishError", "check_folder", "main", "publish_folder", "verify_loads"]
 
@@ -222,7 +228,8 @@ def _refresh_card(folder: Path, metrics: dict | None, model_name: str, model_id:
             return
         text = update_model_card_results(readme.read_text(encoding="utf-8"), metrics, model_name=model_name)
     else:
-        text = render_model_card(metrics_json=metrics, model_name=model_name, model_id=model_id)
+        config = MoADepthCLIPConfig.from_pretrained(folder)  # check_folder has made sure it is one
+        text = render_model_card(metrics_json=metrics, config=config, model_name=model_name, model_id=model_id)
     readme.write_text(text, encoding="utf-8")
 
 
@@ -272,7 +279,7 @@ def publish_folder(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="publish.py",
+        prog="python -m conversion.publish",
         description="Upload a MoA-DepthCLIP checkpoint folder to the Hugging Face Hub after checking its files and "
         "loading it in a fresh process with trust_remote_code=True. Token: `hf auth login` or HF_TOKEN.",
     )

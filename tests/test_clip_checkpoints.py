@@ -1,4 +1,4 @@
-"""Tests for conversion/clip_checkpoints.py on tiny, randomly initialised OpenAI-layout CLIPs.
+"""Tests for modeling_moa_depthclip/clip_checkpoints.py on tiny, randomly initialised OpenAI-layout CLIPs.
 
 No pretrained weights are available offline, so parity is checked against a reference forward
 pass written directly from the OpenAI layout below, independent of the converter.
@@ -21,7 +21,7 @@ from transformers import CLIPModel, CLIPVisionModel
 # tests/ and conversion/ are not installed packages; import from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conversion.clip_checkpoints import (  # noqa: E402
+from modeling_moa_depthclip.clip_checkpoints import (  # noqa: E402
     OPENAI_CLIP_TOKENIZER,
     TorchScriptNotTrustedError,
     TorchScriptReadError,
@@ -31,7 +31,7 @@ from conversion.clip_checkpoints import (  # noqa: E402
     read_torchscript_state_dict,
     vision_state_dict,
 )
-from conversion import clip_checkpoints  # noqa: E402
+from modeling_moa_depthclip import clip_checkpoints  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning"),

@@ -19,6 +19,7 @@ from transformers import AutoModelForDepthEstimation, CLIPConfig, CLIPModel, CLI
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conversion import convert_clip_to_moa_depthclip as converter  # noqa: E402
+from conversion.common import build_config  # noqa: E402
 from conversion.convert_clip_to_moa_depthclip import main  # noqa: E402
 from modeling_moa_depthclip import DEPTHCLIP_PROMPTS, MoADepthCLIPForDepthEstimation  # noqa: E402
 from test_clip_checkpoints import (  # noqa: E402
@@ -372,13 +373,13 @@ def test_help_says_what_torchscript_loading_trusts(capsys):
 
 
 def test_build_config_keeps_defaults_for_unset_options(openai_sd):
-    from conversion.clip_checkpoints import openai_to_hf_clip
+    from modeling_moa_depthclip.clip_checkpoints import openai_to_hf_clip
 
     _, clip_config = openai_to_hf_clip(openai_sd)
-    config = converter.build_config(
+    config = build_config(
         clip_config.vision_config, 32, moa_layers=[1], num_unfrozen_layers=0, num_experts=None
     )
     assert config.moa_layers == [1] and config.num_experts == 4 and config.prompt_embedding_dim == 32
     assert config.vision_config.hidden_size == clip_config.vision_config.hidden_size
     with pytest.raises(TypeError, match="unknown MoA options"):
-        converter.build_config(clip_config.vision_config, 32, router_kind="x")
+        build_config(clip_config.vision_config, 32, router_kind="x")

@@ -180,8 +180,8 @@ def test_script_reports_folder_without_config(tmp_path, capsys):
 
 def test_help_states_opset():
     completed = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "conversion" / "export_onnx.py"), "--help"],
-        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        [sys.executable, "-m", "conversion.export_onnx", "--help"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=REPO_ROOT,
     )
     assert f"opset {exporter.DEFAULT_OPSET}" in completed.stdout
 

@@ -23,6 +23,7 @@ from conversion.model_card import (  # noqa: E402
 )
 from test_clip_checkpoints import IMAGE  # noqa: E402
 from test_conversion import PROMPT_TEXTS, make_clip_tokenizer, openai_state_dict_for  # noqa: E402
+from tiny_models import tiny_config  # noqa: E402
 
 SAMPLE_METRICS = {
     "d1": 0.61234, "d2": 0.8712, "d3": 0.9543, "abs_rel": 0.2345, "sq_rel": 0.1789, "rmse": 0.6789,
@@ -31,6 +32,7 @@ SAMPLE_METRICS = {
                  "max_depth": 10.0, "averaging": "per image"},
 }  # fmt: skip
 REPO = "someone/tiny-moa"
+CONFIG = tiny_config()
 
 
 class RecordingHfApi:
@@ -261,7 +263,7 @@ def test_card_renders_an_evaluation(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({**SAMPLE_METRICS, "num_images": 25}))
     text = render_model_card(
-        None, path, model_name="tiny-moa", model_id=REPO, base_model="openai/clip-vit-base-patch32"
+        None, path, config=CONFIG, model_name="tiny-moa", model_id=REPO, base_model="openai/clip-vit-base-patch32"
     )
     (tmp_path / "README.md").write_text(text)
     metadata = metadata_load(tmp_path / "README.md")  # parseable YAML front matter
@@ -283,15 +285,22 @@ def test_card_renders_an_evaluation(tmp_path):
     assert "0.745" not in body_results
 
 
+def test_card_states_the_depth_range_of_its_config():
+    text = render_model_card(config=tiny_config(min_depth=0.5, max_depth=80.0), model_name="outdoor")
+    assert "valid ground truth in **0.5 – 80 m**" in text and "**Range 0.5–80 m.**" in text
+    default = render_model_card(config=CONFIG, model_name="indoor")
+    assert "valid ground truth in **0.001 – 10 m**" in default and "80 m" not in default
+
+
 def test_card_without_evaluation_says_so():
-    text = render_model_card(model_name="tiny-moa")
+    text = render_model_card(config=CONFIG, model_name="tiny-moa")
     card = ModelCard(text)
     assert "model-index" not in card.data.to_dict() and not card.data.eval_results
     assert "No evaluation yet" in text and "base_model" not in card.data.to_dict()
 
 
 def test_results_refresh_keeps_the_rest_of_the_card():
-    blank = render_model_card(model_name="tiny-moa", checkpoint_status="STATUS PARAGRAPH")
+    blank = render_model_card(config=CONFIG, model_name="tiny-moa", checkpoint_status="STATUS PARAGRAPH")
     evaluated = update_model_card_results(blank, SAMPLE_METRICS, model_name="tiny-moa")
     assert "STATUS PARAGRAPH" in evaluated and "No evaluation yet" not in evaluated
     assert len(ModelCard(evaluated).data.eval_results) == 9
@@ -312,7 +321,7 @@ def test_results_refresh_keeps_the_rest_of_the_card():
 )
 def test_invalid_evaluation_json_is_named(change, message):
     with pytest.raises(ModelCardError, match=message):
-        render_model_card(None, {**SAMPLE_METRICS, **change}, model_name="x")
+        render_model_card(None, {**SAMPLE_METRICS, **change}, config=CONFIG, model_name="x")
     incomplete = {k: v for k, v in SAMPLE_METRICS.items() if k != "silog"}
     with pytest.raises(ModelCardError, match=r"lacks \['silog'\]"):
-        render_model_card(None, incomplete, model_name="x")
+        render_model_card(None, incomplete, config=CONFIG, model_name="x")

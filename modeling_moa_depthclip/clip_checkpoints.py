@@ -729,8 +729,11 @@ def load_clip_checkpoint(
     *,
     trust_torchscript: bool = False,
     hidden_act: str = "quick_gelu",
+    local_files_only: bool = False,
 ) -> ClipCheckpoint:
-    """:func:`load_clip_source`, also reporting the layout and file format that were found."""
+    """:func:`load_clip_source`, also reporting the layout and file format that were found.
+
+    `local_files_only=True` reads a Hub id from the local cache only (nothing is downloaded)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return ClipCheckpoint(*_load_pretrained(str(path), local_folder=path), "hf", "folder")
@@ -740,7 +743,8 @@ def load_clip_checkpoint(
         )
         return ClipCheckpoint(sd, config, _tokenizer_hint(config), layout, source_format)
     if _looks_like_hub_id(str(source)):
-        return ClipCheckpoint(*_load_pretrained(str(source), local_folder=None), "hf", "hub")
+        loaded = _load_pretrained(str(source), local_folder=None, local_files_only=local_files_only)
+        return ClipCheckpoint(*loaded, "hf", "hub")
     raise FileNotFoundError(f"CLIP checkpoint not found: {source}")
 
 
@@ -786,8 +790,10 @@ def _looks_like_hub_id(source: str) -> bool:
     )
 
 
-def _load_pretrained(source: str, local_folder: Path | None) -> tuple[dict[str, torch.Tensor], CLIPConfig, str | None]:
-    model, info = CLIPModel.from_pretrained(source, output_loading_info=True)
+def _load_pretrained(
+    source: str, local_folder: Path | None, local_files_only: bool = False
+) -> tuple[dict[str, torch.Tensor], CLIPConfig, str | None]:
+    model, info = CLIPModel.from_pretrained(source, output_loading_info=True, local_files_only=local_files_only)
     # from_pretrained only warns about missing weights and initialises them randomly; refuse instead.
     unexpected = [k for k in info["unexpected_keys"] if not k.endswith("embeddings.position_ids")]
     mismatched = [str(k) for k in info["mismatched_keys"]]
