@@ -77,6 +77,7 @@ from modeling_moa_depthclip import (  # noqa: E402
     MoADepthCLIPForDepthEstimation,
     MoADepthCLIPImageProcessor,
 )
+from modeling_moa_depthclip.clip_initialization import init_from_clip  # noqa: E402
 from modeling_moa_depthclip.data import DepthAugmentation  # noqa: E402
 
 
@@ -130,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--clip_model", default=DEFAULT_CLIP,
-        help="without --model: pretrained CLIP (folder or Hub id, looked up locally only, never downloaded) whose "
-        "vision tower, visual projection and prompt text features initialise the model; if absent the CLIP backbone "
-        "is randomly initialised (with a warning)",
+        help="without --model: pretrained CLIP whose vision tower, visual projection and prompt text features "
+        "initialise the model: a Hub id (looked up in the local cache only, never downloaded), a CLIPModel folder, "
+        "an OpenAI or open_clip weights file; if absent the CLIP backbone is randomly initialised (with a warning)",
     )
     model.add_argument("--gradient_checkpointing", action="store_true", help="recompute CLIP blocks in backward")
 
@@ -275,51 +276,6 @@ def build_config(config_name: str) -> MoADepthCLIPConfig:
         raise ValueError(f"config file {path}: {error}") from None
 
 
-@torch.no_grad()
-def init_from_local_clip(model: MoADepthCLIPForDepthEstimation, clip_source: str, explicit: bool) -> str | None:
-    """Copy a locally available pretrained CLIP into a freshly built model; returns what was loaded, or None.
-
-    The vision tower goes to `vision_model`, CLIP's visual projection to the semantic context's image projection,
-    and the CLIP text features of the depth prompts to `prompt_embeddings` (if a tokenizer is available too).
-    Nothing is downloaded (`local_files_only=True`).
-    """
-    from transformers import AutoTokenizer, CLIPModel
-
-    try:
-        clip = CLIPModel.from_pretrained(clip_source, local_files_only=True)
-    except Exception as error:  # not cached / not a CLIP folder: the caller warns about random init
-        if explicit and os.path.exists(os.path.expanduser(clip_source)):
-            raise ValueError(f"--clip_model {clip_source}: cannot load a CLIPModel from it ({error})") from None
-        return None
-    vision = model.config.vision_config
-    theirs = clip.config.vision_config
-    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "num_channels")
-    mismatched = [f"{f}: model {getattr(vision, f)} vs CLIP {getattr(theirs, f)}" for f in fields
-                  if getattr(vision, f) != getattr(theirs, f)]
-    if mismatched:
-        if explicit:
-            raise ValueError(f"--clip_model {clip_source} does not match the model config ({'; '.join(mismatched)})")
-        return None
-    model.vision_model.load_state_dict(clip.vision_model.state_dict())
-    loaded = "vision tower"
-    projection = model.semantic_context.image_projection
-    if projection.weight.shape == clip.visual_projection.weight.shape:
-        projection.weight.copy_(clip.visual_projection.weight)
-        loaded += ", visual projection"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(clip_source, local_files_only=True)
-        tokens = tokenizer(list(model.config.depth_prompts), padding=True, return_tensors="pt")
-        features = clip.get_text_features(**tokens)
-        features = getattr(features, "pooler_output", features)
-        if features.shape == model.semantic_context.prompt_embeddings.shape:
-            model.semantic_context.prompt_embeddings.copy_(F.normalize(features.float(), dim=-1))
-            loaded += ", prompt text features"
-    except Exception as error:  # no tokenizer files: the prompts stay placeholders
-        logger.warning(f"no CLIP tokenizer with {clip_source} ({type(error).__name__}); prompt embeddings stay placeholders")
-    model.apply_trainable_mask()
-    return loaded
-
-
 def load_or_build_model(args, parser):
     """(model, image_processor, description) from --model, or from --config_name (+ a local CLIP if available)."""
     if args.model is not None:
@@ -339,12 +295,17 @@ def load_or_build_model(args, parser):
         size={"height": size, "width": size}, size_divisor=config.vision_config.patch_size
     )
     explicit = args.clip_model != DEFAULT_CLIP
+    loaded = None
     try:
-        loaded = init_from_local_clip(model, args.clip_model, explicit)
-    except ValueError as error:
-        parser.error(str(error))
+        loaded = init_from_clip(model, args.clip_model, local_files_only=True).describe()
+    except OSError as error:  # not in the local cache or not a CLIP checkpoint: the warning below, unless asked for
+        if explicit and os.path.exists(os.path.expanduser(args.clip_model)):
+            parser.error(f"--clip_model {args.clip_model}: cannot read a CLIP checkpoint from it ({error})")
+    except ValueError as error:  # found, but it does not fit the config or has no tokenizer
+        if explicit:
+            parser.error(f"--clip_model {args.clip_model}: {error}")
     if loaded:
-        logger.info(f"initialised the {loaded} from the local pretrained CLIP {args.clip_model}")
+        logger.info(f"initialised the {loaded}")
         return model, image_processor, f"config {args.config_name} + pretrained CLIP {args.clip_model}"
     logger.warning(
         "WARNING: no pretrained CLIP available locally (%s is not in the Hugging Face cache or does not match the "

@@ -305,18 +305,26 @@ def test_mixed_precision_accumulation_and_gradient_checkpointing_run(run_train, 
     assert summary["global_step"] == 2 and all(np.isfinite(loss) for _, loss in summary["loss_history"])
 
 
-def test_local_pretrained_clip_initialises_the_backbone_else_a_warning(tmp_path, caplog):
+def test_local_pretrained_clip_initialises_the_backbone_else_a_warning(tmp_path, caplog, capsys):
+    import torch.nn.functional as F
     from transformers import CLIPConfig, CLIPModel
 
+    from modeling_moa_depthclip import DEPTHCLIP_PROMPTS
+    from test_conversion import PROMPT_TEXTS, make_clip_tokenizer
+
+    tokenizer = make_clip_tokenizer(PROMPT_TEXTS)
+    vocab = len(tokenizer)
     clip_config = CLIPConfig(
         vision_config={**tiny_config().vision_config.to_dict(), "hidden_act": "quick_gelu"},
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=100, max_position_embeddings=16),
+                         vocab_size=vocab, max_position_embeddings=16, bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
         projection_dim=32,
     )
     torch.manual_seed(1)
-    clip = CLIPModel(clip_config)
+    clip = CLIPModel(clip_config).eval()
     clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
     parser = train_script.build_parser()
 
     args = parser.parse_args(["--config_name", "tiny", "--clip_model", str(tmp_path / "clip")])
@@ -326,7 +334,21 @@ def test_local_pretrained_clip_initialises_the_backbone_else_a_warning(tmp_path,
         model.vision_model.encoder.layers[0].mlp.fc1.weight, clip.vision_model.encoder.layers[0].mlp.fc1.weight
     )
     assert torch.equal(model.semantic_context.image_projection.weight, clip.visual_projection.weight)
+    with torch.no_grad():
+        text = clip.get_text_features(**tokenizer(DEPTHCLIP_PROMPTS, padding=True, return_tensors="pt"))
+    torch.testing.assert_close(
+        model.semantic_context.prompt_embeddings, F.normalize(text.pooler_output, dim=-1), rtol=0, atol=1e-6
+    )
     assert [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("vision_model.")]
+
+    # a CLIP that does not fit the config is refused, naming the field
+    other = json.loads((REPO_ROOT / "examples" / "configs" / "tiny.json").read_text())
+    other["vision_config"]["patch_size"] = 32
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    args = parser.parse_args(["--config_name", str(tmp_path / "other.json"), "--clip_model", str(tmp_path / "clip")])
+    with pytest.raises(SystemExit):
+        train_script.load_or_build_model(args, parser)
+    assert "patch_size: model 32 vs CLIP 16" in capsys.readouterr().err
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="moa_depthclip.train"):
