@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
+from .point_cloud import NYU_INTRINSICS
+
 __all__ = [
     "NYU_FOCAL",
     "NYU_HFOV_DEG",
@@ -44,8 +46,8 @@ __all__ = [
     "sanitize_depth",
 ]
 
-# Kinect focal length of the NYU Depth V2 RGB camera at 640x480 (as used by BTS/AdaBins).
-NYU_FOCAL = 518.8579
+# Horizontal focal length of the NYU Depth V2 RGB camera at 640x480 (BTS/AdaBins round it to 518.8579).
+NYU_FOCAL = NYU_INTRINSICS.fx
 NYU_HFOV_DEG = math.degrees(2.0 * math.atan(320.0 / NYU_FOCAL))  # ~63.3 degrees
 
 Example = dict  # {"image": PIL.Image, "depth": np.ndarray, "name": str}
