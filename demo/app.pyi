@@ -1,0 +1,350 @@
+"""MoA-DepthCLIP in the browser: metric depth from one image, read in metres, downloaded, and seen in 3D.
+
+    python demo/app.py --model PATH_OR_HUB_ID [--port N] [--host 127.0.0.1]
+
+One Gradio page: upload an image or pick an example (NYU Depth V2 test frames when the shared sample is found,
+rendered synthetic rooms); it shows the depth in colour with a colour bar in metres, an RGB / depth slider, the
+minimum, median and maximum depth, the depth at a clicked point, the 3D point cloud, and downloads of the 16-bit PNG
+(millimetres), the float32 .npy (metres) and the PLY point cloud. The API endpoint `/predict` takes the image first,
+for `gradio_client`. On a Hugging Face Space the model comes from the `MOA_DEPTHCLIP_MODEL` variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+try:
+    import modeling_moa_depthclip  # noqa: F401  (installed, or copied next to this file on a Space)
+except ImportError:  # run from a checkout without installing the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gradio as gr
+
+from modeling_moa_depthclip.cli import depth_to_millimetres_png, load_depth_pipeline
+from modeling_moa_depthclip.data import NYU_HFOV_DEG, render_synthetic_scene
+from modeling_moa_depthclip.image_processing_moa_depthclip import ImageLoadError, load_image_file
+from modeling_moa_depthclip.point_cloud import (
+    DEFAULT_HFOV_DEG,
+    NYU_INTRINSICS,
+    depth_to_point_cloud,
+    resolve_intrinsics,
+    write_ply,
+)
+from modeling_moa_depthclip.visualization import colorize_depth, colorize_unit_depth
+
+MODEL_ENV = "MOA_DEPTHCLIP_MODEL"
+NYU_SAMPLE_ENV = "MOA_DEPTHCLIP_NYU_SAMPLE"
+NYU_EXAMPLE_FRAMES = ("00000", "00014", "00046", "00116")
+SYNTHETIC_EXAMPLE_SEEDS = (3, 11)
+# the PLY download keeps full resolution up to a 640x480 frame; the in-page 3D view draws fewer points
+MAX_PLY_POINTS = NYU_INTRINSICS.width * NYU_INTRINSICS.height
+MAX_VIEW_POINTS = 80_000
+OUTPUT_MAX_AGE_S = 2 * 3600
+CAMERAS = [
+    ("From the photo's EXIF focal length (else the default field of view)", "auto"),
+    ("NYU Depth V2 camera (Kinect v1, 640x480)", "nyu"),
+    ("Horizontal field of view below", "fov"),
+]
+
+from gradio.events import Dependency
+
+class ImageUpload(gr.Image):
+    """`gr.Image` whose unreadable uploads fail with one message naming the file (drawn by gr.Image's frontend)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            name = (payload.orig_name or Path(payload.path or "upload").name) if payload else "upload"
+            raise gr.Error(f"{name}: not a readable image ({type(error).__name__}); upload a PNG, JPEG or WebP "
+                           "photo") from None
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component  # fmt: skip
+
+
+def find_nyu_sample() -> Path | None:
+    """The shared NYU frames: $MOA_DEPTHCLIP_NYU_SAMPLE, else ../shared/data/nyu_eigen_test_sample of the repo."""
+    env = os.environ.get(NYU_SAMPLE_ENV)
+    folder = Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "shared" / "data" / (
+        "nyu_eigen_test_sample")  # fmt: skip
+    return folder if folder.is_dir() else None
+
+
+def _nice_step(span: float, target_ticks: int = 6) -> float:
+    raw = span / max(target_ticks, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+
+
+def depth_figure(depth: np.ndarray, vmin: float, vmax: float) -> Image.Image:
+    """The coloured depth map (its own pixels, so clicks map to them) with a colour bar in metres on its right."""
+    height, width = depth.shape
+    coloured = colorize_depth(depth, vmin, vmax)
+    font_size = max(12, height // 30)
+    font = ImageFont.load_default(size=font_size)
+    panel_width = int(font_size * 6.5)
+    figure = Image.new("RGB", (width + panel_width, height), "white")
+    figure.paste(coloured, (0, 0))
+    draw = ImageDraw.Draw(figure)
+    top, bottom = int(font_size * 2.2), height - font_size
+    bar_left, bar_width = width + font_size, max(12, font_size)
+    draw.text((width + font_size // 2, font_size // 3), "depth, m", fill="black", font=font)
+    # far (blue) at the top, near (red) at the bottom, as the map colours them
+    gradient = np.linspace(1.0, 0.0, bottom - top, dtype=np.float32)[:, None].repeat(bar_width, axis=1)
+    figure.paste(colorize_unit_depth(gradient), (bar_left, top))
+    draw.rectangle((bar_left - 1, top - 1, bar_left + bar_width, bottom), outline="black")
+    step = _nice_step(vmax - vmin)
+    digits = max(0, -math.floor(math.log10(step) + 1e-9)) if step < 1 else 0
+    tick = math.ceil(vmin / step - 1e-9) * step
+    while tick <= vmax + 1e-9:
+        y = bottom - (tick - vmin) / (vmax - vmin) * (bottom - top)
+        draw.line((bar_left + bar_width, y, bar_left + bar_width + 5, y), fill="black")
+        draw.text((bar_left + bar_width + 8, y), f"{tick:.{digits}f}", fill="black", font=font, anchor="lm")
+        tick += step
+    return figure
+
+
+def _colour_range(depth: np.ndarray) -> tuple[float, float]:
+    finite = depth[np.isfinite(depth)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if high - low < 1e-2:  # a flat map still gets a readable colour bar
+        low, high = max(low - 0.05, 0.0), high + 0.05
+    return low, high
+
+
+def _stride_for(height: int, width: int, max_points: int) -> int:
+    return max(1, math.ceil(math.sqrt(height * width / max_points)))
+
+
+class DepthDemo:
+    """The page's logic around a depth-estimation pipeline; `build()` returns the Gradio Blocks."""
+
+    def __init__(self, depth_pipeline, model_name: str, nyu_sample: Path | None = None):
+        self.pipeline = depth_pipeline
+        self.model_name = model_name
+        config = depth_pipeline.model.config
+        self.min_depth, self.max_depth = float(config.min_depth), float(config.max_depth)
+        self._workdir = tempfile.TemporaryDirectory(prefix="moa-depthclip-demo-")
+        self.root = Path(self._workdir.name)
+        self.examples = self._examples(nyu_sample)
+
+    # ------------------------------------------------------------------ examples
+
+    def _examples(self, nyu_sample: Path | None) -> list[tuple[list, str]]:
+        examples = []
+        if nyu_sample is not None:
+            for frame in NYU_EXAMPLE_FRAMES:
+                path = nyu_sample / f"{frame}_colors.png"
+                if path.is_file():
+                    examples.append(([str(path), "nyu", NYU_INTRINSICS.horizontal_fov_deg], f"NYU test frame {frame}"))
+        folder = self.root / "examples"
+        folder.mkdir()
+        for seed in SYNTHETIC_EXAMPLE_SEEDS:
+            rgb, _ = render_synthetic_scene(seed)
+            path = folder / f"synthetic_room_{seed}.png"
+            Image.fromarray(rgb).save(path)
+            # rendered through a centred pinhole with NYU's horizontal field of view
+            examples.append(([str(path), "fov", NYU_HFOV_DEG], f"synthetic room (seed {seed})"))
+        return examples
+
+    # ------------------------------------------------------------------ inference
+
+    def _output_folder(self) -> Path:
+        now = time.time()
+        for old in self.root.glob("request-*"):
+            if now - old.stat().st_mtime > OUTPUT_MAX_AGE_S:
+                shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix="request-", dir=self.root))
+
+    def predict(self, image_path: str | None, camera: str = "auto", fov_deg: float = DEFAULT_HFOV_DEG):
+        """Image file -> depth picture, slider pair, min/median/max (m), PNG/NPY/PLY files, 3D view, notes, depth."""
+        if not image_path:
+            raise gr.Error("No image: upload one or pick an example.")
+        started = time.perf_counter()
+        try:
+            image = load_image_file(image_path)
+        except ImageLoadError as error:
+            raise gr.Error(str(error).replace(str(image_path), Path(image_path).name)) from None
+        if camera not in {value for _, value in CAMERAS}:
+            raise gr.Error(f"camera must be one of {[value for _, value in CAMERAS]}, got {camera!r}")
+        rgb = image.convert("RGB")
+        depth = self.pipeline(rgb)["metric_depth"]
+        model_seconds = time.perf_counter() - started
+
+        height, width = depth.shape
+        intrinsics, source = resolve_intrinsics(
+            width, height, intrinsics="nyu" if camera == "nyu" else None,
+            fov_deg=float(fov_deg) if camera == "fov" else None, image=image,
+        )  # fmt: skip
+        folder = self._output_folder()
+        stem = Path(image_path).stem
+        png_path, npy_path = folder / f"{stem}_depth.png", folder / f"{stem}_depth.npy"
+        ply_path, view_path = folder / f"{stem}_points.ply", folder / f"{stem}_points_preview.ply"
+        depth_to_millimetres_png(depth).save(png_path)
+        np.save(npy_path, depth.astype(np.float32))
+        cloud = depth_to_point_cloud(depth, intrinsics, rgb, stride=_stride_for(height, width, MAX_PLY_POINTS))
+        write_ply(ply_path, cloud)
+        view = depth_to_point_cloud(depth, intrinsics, rgb, stride=_stride_for(height, width, MAX_VIEW_POINTS))
+        view.points *= np.array([1, -1, 1], dtype=np.float32)  # y up for the viewer
+        write_ply(view_path, view)
+
+        vmin, vmax = _colour_range(depth)
+        figure = depth_figure(depth, vmin, vmax)
+        finite = depth[np.isfinite(depth)]
+        low, median, high = (float(np.min(finite)), float(np.median(finite)), float(np.max(finite)))
+        seconds = time.perf_counter() - started
+        notes = (
+            f"{width}x{height} px · model {model_seconds:.2f} s, all outputs {seconds:.2f} s · "
+            f"point cloud: {len(cloud):,} points, camera: {source}"
+        )
+        print(f"predict {Path(image_path).name}: {width}x{height}, {model_seconds:.2f} s model, {seconds:.2f} s total",
+              flush=True)  # fmt: skip
+        return (
+            figure,
+            (rgb, colorize_depth(depth, vmin, vmax)),
+            round(low, 3),
+            round(median, 3),
+            round(high, 3),
+            str(png_path),
+            str(npy_path),
+            str(ply_path),
+            str(view_path),
+            notes,
+            depth,
+        )
+
+    @staticmethod
+    def depth_at(depth: np.ndarray | None, event: gr.SelectData) -> str:
+        if depth is None:
+            return "Estimate the depth first, then click the depth map."
+        x, y = (int(v) for v in event.index)
+        height, width = depth.shape
+        if not (0 <= x < width and 0 <= y < height):
+            return "Click on the depth map itself (left of the colour bar)."
+        return f"{float(depth[y, x]):.3f} m at pixel x={x}, y={y}"
+
+    # ------------------------------------------------------------------ page
+
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(title="MoA-DepthCLIP · metric depth", delete_cache=(3600, OUTPUT_MAX_AGE_S)) as demo:
+            gr.Markdown(
+                "# MoA-DepthCLIP: metric depth from one image\n"
+                f"Model `{self.model_name}` predicts depth in metres, from {self.min_depth:g} m to "
+                f"{self.max_depth:g} m (its configuration). Upload a photo or pick an example; click the depth "
+                "map to read the depth at a point."
+            )
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=2, min_width=320):
+                    image_input = ImageUpload(
+                        label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                        height=300, elem_id="input-image",
+                    )  # fmt: skip
+                    with gr.Accordion("Camera for the 3D point cloud", open=False):
+                        camera = gr.Radio(CAMERAS, value="auto", label="Intrinsics", elem_id="camera")
+                        fov = gr.Slider(
+                            20.0, 120.0, value=round(DEFAULT_HFOV_DEG, 1), step=0.1,
+                            label="Horizontal field of view (degrees)", elem_id="fov",
+                        )  # fmt: skip
+                    run = gr.Button("Estimate depth", variant="primary", elem_id="run")
+                    gr.Examples(
+                        examples=[row for row, _ in self.examples],
+                        example_labels=[label for _, label in self.examples],
+                        inputs=[image_input, camera, fov],
+                        label="Examples: NYU Depth V2 test frames and rendered synthetic rooms",
+                        examples_per_page=8,
+                        visible_columns=[0],
+                        cache_examples=False,
+                    )  # fmt: skip
+                with gr.Column(scale=3, min_width=420):
+                    with gr.Tabs():
+                        with gr.Tab("Depth (m)"):
+                            figure = gr.Image(
+                                label="Depth in metres (near is red, far is blue); click to read a point",
+                                type="pil", format="png", interactive=False, elem_id="depth-figure",
+                            )  # fmt: skip
+                        with gr.Tab("RGB / depth slider"):
+                            slider = gr.ImageSlider(label="Drag the handle: RGB | depth", type="pil", format="png")
+                        with gr.Tab("3D point cloud"):
+                            view = gr.Model3D(
+                                label="Point cloud in metres (drag to orbit, scroll to zoom)",
+                                display_mode="point_cloud", clear_color=(0.1, 0.1, 0.12, 1.0), height=420,
+                            )  # fmt: skip
+                    clicked = gr.Textbox(
+                        label="Depth at the clicked point", value="Estimate the depth first, then click the depth map.",
+                        interactive=False, elem_id="clicked-depth",
+                    )  # fmt: skip
+                    with gr.Row():
+                        low = gr.Number(label="Minimum depth (m)", interactive=False, elem_id="min-depth")
+                        median = gr.Number(label="Median depth (m)", interactive=False, elem_id="median-depth")
+                        high = gr.Number(label="Maximum depth (m)", interactive=False, elem_id="max-depth")
+                    with gr.Row():
+                        png = gr.DownloadButton("16-bit PNG (mm)", elem_id="download-png")
+                        npy = gr.DownloadButton("float32 .npy (m)", elem_id="download-npy")
+                        ply = gr.DownloadButton("PLY point cloud (m)", elem_id="download-ply")
+                    notes = gr.Textbox(label="Run", interactive=False, elem_id="notes")
+            depth_state = gr.State()
+            gr.on(
+                triggers=[run.click, image_input.upload],
+                fn=self.predict,
+                inputs=[image_input, camera, fov],
+                outputs=[figure, slider, low, median, high, png, npy, ply, view, notes, depth_state],
+                api_name="predict",
+                api_description="Metric depth of an image: the depth picture with its colour bar, an RGB/depth pair, "
+                "min/median/max depth in metres, the 16-bit PNG (mm), float32 .npy (m) and PLY files, a 3D preview "
+                "and notes. `camera` is auto, nyu or fov (then `fov_deg` is used).",
+            )  # fmt: skip
+            figure.select(self.depth_at, inputs=[depth_state], outputs=[clicked], api_visibility="private")
+        return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", default=os.environ.get(MODEL_ENV),
+        help=f"saved model folder or Hugging Face Hub id (default: ${MODEL_ENV})",
+    )  # fmt: skip
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to listen on (default 127.0.0.1: this machine only)")  # fmt: skip
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond this are refused")
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    if not args.model:
+        raise SystemExit(f"error: give --model PATH_OR_HUB_ID (a saved MoA-DepthCLIP) or set ${MODEL_ENV}; the "
+                         "training run writes outputs/train/best")  # fmt: skip
+    depth_pipeline = load_depth_pipeline(args.model, args.device)
+    demo = DepthDemo(depth_pipeline, args.model, find_nyu_sample()).build()
+    serve(demo, args.host, args.port, max_queue=args.max_queue)
+
+
+def serve(demo: gr.Blocks, host: str, port: int, *, max_queue: int = 32, block: bool = True):
+    """Launch the page; with `block=False` return at once (tests), `demo.close()` stops it."""
+    # one image at a time on the model; a bounded queue refuses the excess instead of growing without limit
+    demo.queue(max_size=max_queue, default_concurrency_limit=1)
+    return demo.launch(
+        server_name=host, server_port=port, show_error=True, prevent_thread_lock=not block, quiet=not block,
+        theme=gr.themes.Soft(), footer_links=["api"],
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
