@@ -2,6 +2,7 @@
 
     python -m conversion.publish --folder DIR --repo_id USER/NAME [--private] [--revision BRANCH]
                                  [--commit_message MSG] [--metrics metrics.json]
+    python conversion/publish.py --space USER/SPACE --repo_id USER/NAME [--folder DIR] [--private]
 
 Before anything is uploaded the folder must pass, in this order:
 
@@ -17,6 +18,10 @@ Before anything is uploaded the folder must pass, in this order:
 without README.md gets the card rendered from MODEL_CARD.md. The upload uses `huggingface_hub`
 (`create_repo(exist_ok=True)`, `create_branch` for a `--revision` other than main, `upload_folder`); the token
 comes from `hf auth login` or `HF_TOKEN`.
+
+`--space` uploads the browser demo (`demo/`: app.py, requirements.txt, the README.md Space card) as a Gradio Space
+whose card names `--repo_id` under `models:`, the model the app loads; the `modeling_moa_depthclip` package goes
+beside app.py. With `--folder` too, the model is checked and uploaded first.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,12 +50,15 @@ from conversion.model_card import (  # noqa: E402
 )
 from modeling_moa_depthclip import MoADepthCLIPConfig  # noqa: E402
 
-__all__ = ["PublishError", "check_folder", "main", "publish_folder", "verify_loads"]
+__all__ = ["PublishError", "check_folder", "main", "publish_folder", "publish_space", "stage_space", "verify_loads"]
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # never uploaded: Python caches and hidden files (editor state, staging folders)
 IGNORE_PATTERNS = ["*.pyc", "*__pycache__*", ".*"]
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SPACE_FILES = ("app.py", "requirements.txt")
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import\b", re.MULTILINE)
 
 
@@ -277,13 +286,71 @@ def publish_folder(
     return f"{url}/tree/{revision}" if revision and revision != "main" else url
 
 
+def stage_space(model_repo: str, destination: str | os.PathLike) -> Path:
+    """Lay out the Space in `destination`: demo/app.py and requirements.txt, the card naming `model_repo`, the package."""
+    from huggingface_hub import SpaceCard
+
+    destination = Path(destination)
+    demo = REPO_ROOT / "demo"
+    missing = [name for name in (*SPACE_FILES, "README.md") if not (demo / name).is_file()]
+    if missing:
+        raise PublishError(f"the demo folder {demo} lacks {missing}")
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in SPACE_FILES:
+        shutil.copy2(demo / name, destination / name)
+    card = SpaceCard.load(demo / "README.md")
+    card.data.models = [model_repo]
+    card.save(destination / "README.md")
+    package = REPO_ROOT / "modeling_moa_depthclip"
+    (destination / package.name).mkdir(exist_ok=True)
+    for source in sorted(package.glob("*.py")):
+        shutil.copy2(source, destination / package.name / source.name)
+    return destination
+
+
+def publish_space(
+    space_id: str,
+    model_repo: str,
+    *,
+    private: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> str:
+    """Upload the demo as the Gradio Space `space_id` running `model_repo`; returns the Space's URL."""
+    for what, repo in (("space", space_id), ("repo_id", model_repo)):
+        if not _REPO_ID.fullmatch(repo):
+            raise PublishError(f"{what} must look like 'user-or-org/name', got {repo!r}")
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="moa-depthclip-space-") as staging:
+        stage_space(model_repo, staging)
+        try:
+            url = api.create_repo(
+                repo_id=space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True
+            )
+            api.upload_folder(
+                repo_id=space_id,
+                folder_path=staging,
+                repo_type="space",
+                commit_message=commit_message or f"Demo of {model_repo}",
+                ignore_patterns=IGNORE_PATTERNS,
+            )
+        except Exception as error:  # HTTP, authentication and network errors of huggingface_hub and its client
+            detail = " ".join(str(error).split()) or type(error).__name__
+            raise PublishError(
+                f"uploading the demo to Space {space_id} failed ({type(error).__name__}): {detail}"
+            ) from error
+    return str(url).rstrip("/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m conversion.publish",
         description="Upload a MoA-DepthCLIP checkpoint folder to the Hugging Face Hub after checking its files and "
         "loading it in a fresh process with trust_remote_code=True. Token: `hf auth login` or HF_TOKEN.",
     )
-    parser.add_argument("--folder", required=True, help="the checkpoint folder (e.g. written by the converters)")
+    parser.add_argument(
+        "--folder", default=None, help="the checkpoint folder (e.g. written by the converters); optional with --space"
+    )
     parser.add_argument("--repo_id", required=True, help="Hub repository, user-or-org/name (created if needed)")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument(
@@ -295,12 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics", default=None, metavar="metrics.json",
         help="evaluation JSON (examples/evaluate.py) whose results refresh README.md's results and model-index",
     )  # fmt: skip
+    parser.add_argument(
+        "--space", default=None, metavar="USER/SPACE",
+        help="also upload the browser demo (demo/) as a Gradio Space that runs --repo_id",
+    )  # fmt: skip
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.folder is None and args.space is None:
+        parser.error("give --folder (a checkpoint to publish), --space (the demo), or both")
     try:
+        if args.folder is None:
+            url = publish_space(args.space, args.repo_id, private=args.private, commit_message=args.commit_message)
+            print(f"published the demo of {args.repo_id} to {url}")
+            return 0
         url = publish_folder(
             args.folder,
             args.repo_id,
@@ -313,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
         return 2
     print(f"published {args.folder} to {url}")
+    if args.space is not None:
+        try:
+            space_url = publish_space(args.space, args.repo_id, private=args.private)
+        except (PublishError, OSError, ValueError) as error:
+            print(f"error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+            return 2
+        print(f"published the demo of {args.repo_id} to {space_url}")
     return 0
 
 

@@ -6,7 +6,7 @@ One Gradio page: upload an image or pick an example (NYU Depth V2 test frames wh
 rendered synthetic rooms); it shows the depth in colour with a colour bar in metres, an RGB / depth slider, the
 minimum, median and maximum depth, the depth at a clicked point, the 3D point cloud, and downloads of the 16-bit PNG
 (millimetres), the float32 .npy (metres) and the PLY point cloud. The API endpoint `/predict` takes the image first,
-for `gradio_client`. On a Hugging Face Space the model comes from the `MOA_DEPTHCLIP_MODEL` variable.
+for `gradio_client`. On a Hugging Face Space the model is the card's `models:` entry (or `$MOA_DEPTHCLIP_MODEL`).
 """
 
 from __future__ import annotations
@@ -306,11 +306,24 @@ class DepthDemo:
         return demo
 
 
+def space_model() -> str | None:
+    """The model a Space runs: $MOA_DEPTHCLIP_MODEL, else the first `models:` entry of the card beside this file."""
+    if os.environ.get(MODEL_ENV):
+        return os.environ[MODEL_ENV]
+    card = Path(__file__).resolve().parent / "README.md"
+    if card.is_file():
+        from huggingface_hub import metadata_load
+
+        models = (metadata_load(card) or {}).get("models") or []
+        return models[0] if models else None
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", default=os.environ.get(MODEL_ENV),
-        help=f"saved model folder or Hugging Face Hub id (default: ${MODEL_ENV})",
+        "--model", default=space_model(),
+        help=f"saved model folder or Hugging Face Hub id (default: ${MODEL_ENV}, else the card's `models:`)",
     )  # fmt: skip
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to listen on (default 127.0.0.1: this machine only)")  # fmt: skip
