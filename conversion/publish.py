@@ -2,7 +2,7 @@
 
     python -m conversion.publish --folder DIR --repo_id USER/NAME [--private] [--revision BRANCH]
                                  [--commit_message MSG] [--metrics metrics.json]
-    python conversion/publish.py --space USER/SPACE --repo_id USER/NAME [--folder DIR] [--private]
+    python -m conversion.publish --space USER/SPACE --repo_id USER/NAME [--folder DIR] [--private]
 
 Before anything is uploaded the folder must pass, in this order:
 

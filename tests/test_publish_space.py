@@ -1,4 +1,4 @@
-"""conversion/publish.py --space: the demo as a Gradio Space running a model repository, with a recording Hub client."""
+"""python -m conversion.publish --space: the demo as a Gradio Space running a model, with a recording Hub client."""
 
 import configparser
 import importlib.util
