@@ -106,10 +106,10 @@ def dataset_label(source: str, split: str | None = None) -> str:
 
 def load_dataset_or_error(source: str, split: str, *, num_samples=None, synthetic_size=(480, 640), seed=0, **kwargs):
     """`load_depth_dataset` with every failure turned into one `ValueError` line naming the source."""
-    from modeling_moa_depthclip.data import load_depth_dataset
+    from modeling_moa_depthclip.data import SourceKind, classify_source, load_depth_dataset
 
     source = str(source)
-    if source != "synthetic" and is_local_path(source) and not os.path.exists(os.path.expanduser(source)):
+    if classify_source(source) is SourceKind.MISSING:
         raise ValueError(f"dataset folder or file not found: {source}")
     try:
         dataset = load_depth_dataset(

@@ -49,7 +49,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
@@ -78,7 +78,13 @@ from modeling_moa_depthclip import (  # noqa: E402
     MoADepthCLIPImageProcessor,
 )
 from modeling_moa_depthclip.clip_initialization import init_from_clip  # noqa: E402
-from modeling_moa_depthclip.data import DepthAugmentation  # noqa: E402
+from modeling_moa_depthclip.data import (  # noqa: E402
+    DepthAugmentation,
+    DepthCollator,
+    SourceKind,
+    TrainingExamples,
+    classify_source,
+)
 
 
 logger = logging.getLogger("moa_depthclip.train")
@@ -371,73 +377,11 @@ class EpochShuffleSampler(Sampler):
         return self.num_examples
 
 
-class TrainingExamples(Dataset):
-    """Training view of a depth dataset: keys `epoch * n + index` -> augmented example; base examples cached."""
-
-    def __init__(self, base, augmentation: DepthAugmentation | None, seed: int, cache: bool):
-        self.base, self.augmentation, self.seed = base, augmentation, seed
-        self.num_examples = len(base)
-        self._cache: dict[int, dict] | None = {} if cache else None
-
-    def __len__(self):
-        return self.num_examples
-
-    def _example(self, index: int) -> dict:
-        if self._cache is None:
-            return self.base[index]
-        if index not in self._cache:
-            self._cache[index] = self.base[index]
-        return self._cache[index]
-
-    def __getitem__(self, key: int) -> dict:
-        epoch, index = divmod(int(key), self.num_examples)
-        example = self._example(index)
-        if self.augmentation is None:
-            return example
-        # each sample's augmentation is a function of (seed, epoch, index) only, so a resumed run sees the same data
-        rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(epoch), int(index)])
-        params = self.augmentation.sample_params(rng)
-        image, depth = self.augmentation.apply(example["image"], example["depth"], params)
-        return {"image": image, "depth": depth, "name": example["name"]}
-
-
-class DepthCollator:
-    """Examples -> `{"pixel_values": (B, 3, H, W), "labels": (B, h, w) metres, 0 = invalid}`.
-
-    Pixels come from the model's image processor at `input_size`; labels are resized to `input_size` with nearest
-    neighbour (never blending depths across edges or invalid pixels), or kept at their native size.
-    """
-
-    def __init__(self, image_processor, input_size: tuple[int, int], labels_at_native_resolution: bool = False):
-        self.image_processor, self.input_size = image_processor, tuple(int(s) for s in input_size)
-        self.labels_at_native_resolution = labels_at_native_resolution
-
-    def __call__(self, examples: list[dict]) -> dict:
-        size = {"height": self.input_size[0], "width": self.input_size[1]}
-        pixel_values = self.image_processor([e["image"] for e in examples], size=size, return_tensors="pt")["pixel_values"]
-        depths = [torch.from_numpy(np.ascontiguousarray(e["depth"], dtype=np.float32)) for e in examples]
-        if self.labels_at_native_resolution:
-            shapes = {tuple(d.shape) for d in depths}
-            if len(shapes) > 1:
-                raise ValueError(
-                    f"--labels_at_native_resolution needs equally sized depth maps in a batch, got {sorted(shapes)}"
-                )
-            labels = torch.stack(depths)
-        else:
-            labels = torch.stack([
-                d if tuple(d.shape) == self.input_size else F.interpolate(d[None, None], size=self.input_size, mode="nearest")[0, 0]
-                for d in depths
-            ])
-        return {"pixel_values": pixel_values, "labels": labels}
-
-
 def resolve_eval_split(source: str, requested: str | None) -> list[str]:
     if requested is not None:
         return [] if requested.lower() == "none" else [requested]
-    if source == "synthetic":
+    if classify_source(source) is SourceKind.SYNTHETIC:
         return ["validation"]
-    if moa_eval.is_local_path(source):
-        return ["test"]
     return ["validation", "test"]
 
 
@@ -632,7 +576,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 parser.error(f"--eval_split: {error}")
     test_specs = parse_test_datasets(args.test_datasets, args)
     for source, split in test_specs:  # check now, load after training
-        if source != "synthetic" and moa_eval.is_local_path(source) and not os.path.exists(os.path.expanduser(source)):
+        try:
+            missing = classify_source(source) is SourceKind.MISSING
+        except ValueError as error:
+            parser.error(f"--test_datasets: {error}")
+        if missing:
             parser.error(f"--test_datasets: dataset folder or file not found: {source}")
 
     from accelerate import Accelerator
