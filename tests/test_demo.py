@@ -127,6 +127,17 @@ def test_client_gets_the_depth_files_of_a_real_nyu_frame(server, client, nyu_sam
     assert "fx=518.9" in result[9]
 
 
+def test_an_uploaded_photo_keeps_its_exif_focal_length(client, tmp_path):
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0xA405] = 26  # FocalLengthIn35mmFilm
+    photo = tmp_path / "phone.jpg"
+    Image.new("RGB", (96, 72), (120, 90, 60)).save(photo, exif=exif)
+    notes = client.predict(gradio_client.handle_file(str(photo)), "auto", 60.0, api_name="/predict")[9]
+    assert "96x72 px" in notes and "EXIF 35 mm-equivalent focal length 26 mm" in notes
+    notes = client.predict(gradio_client.handle_file(str(photo)), "fov", 90.0, api_name="/predict")[9]
+    assert "horizontal field of view 90 deg" in notes
+
+
 def test_broken_uploads_are_errors_and_the_server_goes_on(server, client, nyu_sample_dir, tmp_path):
     garbage = tmp_path / "holiday.png"
     garbage.write_bytes(b"this is not an image at all")
