@@ -194,7 +194,7 @@ class DepthDemo:
         cloud = depth_to_point_cloud(depth, intrinsics, rgb, stride=_stride_for(height, width, MAX_PLY_POINTS))
         write_ply(ply_path, cloud)
         view = depth_to_point_cloud(depth, intrinsics, rgb, stride=_stride_for(height, width, MAX_VIEW_POINTS))
-        view.points *= np.array([1, -1, 1], dtype=np.float32)  # y up for the viewer
+        view.points *= np.array([1, -1, -1], dtype=np.float32)  # the viewer's axes: y up, the scene towards -z
         write_ply(view_path, view)
 
         vmin, vmax = _colour_range(depth)
@@ -277,6 +277,7 @@ class DepthDemo:
                             view = gr.Model3D(
                                 label="Point cloud in metres (drag to orbit, scroll to zoom)",
                                 display_mode="point_cloud", clear_color=(0.1, 0.1, 0.12, 1.0), height=420,
+                                camera_position=(75, 80, None),  # from behind the camera, a little to the side
                             )  # fmt: skip
                     clicked = gr.Textbox(
                         label="Depth at the clicked point", value="Estimate the depth first, then click the depth map.",

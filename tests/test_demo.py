@@ -101,7 +101,10 @@ def _check_outputs(result, expected_depth: np.ndarray):
     np.testing.assert_array_equal(np.sort(records["z"]), np.sort(depth.ravel()))
     picture = Image.open(figure)
     assert picture.height == height and picture.width > width  # the map and its colour bar
-    assert Path(view).suffix == ".ply" and "points" in notes and f"{width}x{height}" in notes
+    assert "points" in notes and f"{width}x{height}" in notes
+    _, preview = _read_ply(view)  # the 3D view: fewer points, in the viewer's axes (y up, the scene at -z)
+    assert 0 < len(preview) <= len(records) and (preview["z"] < 0).all()
+    assert -preview["z"].min() == pytest.approx(depth.max(), rel=0.05)
     return depth
 
 
