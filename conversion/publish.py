@@ -302,9 +302,10 @@ def stage_space(model_repo: str, destination: str | os.PathLike) -> Path:
     card.data.models = [model_repo]
     card.save(destination / "README.md")
     package = REPO_ROOT / "modeling_moa_depthclip"
-    (destination / package.name).mkdir(exist_ok=True)
-    for source in sorted(package.glob("*.py")):
-        shutil.copy2(source, destination / package.name / source.name)
+    for source in sorted(package.rglob("*.py")):  # subpackages included
+        target = destination / package.name / source.relative_to(package)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
     return destination
 
 

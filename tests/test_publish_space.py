@@ -62,8 +62,10 @@ def test_space_upload_carries_the_app_the_package_and_a_card_naming_the_model(hu
     card = metadata_load(space / "README.md")
     assert card["models"] == [MODEL] and card["sdk"] == "gradio" and card["app_file"] == "app.py"
     assert card["title"] == metadata_load(REPO_ROOT / "demo" / "README.md")["title"]
-    package = sorted(p.name for p in (space / "modeling_moa_depthclip").iterdir())
-    assert package == sorted(p.name for p in (REPO_ROOT / "modeling_moa_depthclip").glob("*.py"))
+    staged = space / "modeling_moa_depthclip"
+    package = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
+    source = REPO_ROOT / "modeling_moa_depthclip"
+    assert package == sorted(str(p.relative_to(source)) for p in source.rglob("*.py"))  # no caches, subpackages too
     assert "point_cloud.py" in package and "__init__.py" in package
 
     # the uploaded app runs the card's model when no --model is given
