@@ -9,13 +9,16 @@ Data flow, pixels to metres (see `MoADepthCLIPForDepthEstimation.forward`):
            -> bilinear upsampling to the input size -> depth in metres.
 """
 
+import json
 import math
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
@@ -395,6 +398,31 @@ _ONEDNN_LINEAR_AVAILABLE = (
 )
 
 
+def _check_model_type(source, model_type: str):
+    """A local folder of another model type fails here, instead of loading as a randomly initialised model."""
+    config_file = Path(str(source)).expanduser() / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        found = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # the config loader reports it
+    if found is not None and found != model_type:
+        raise ValueError(f"{config_file}: model_type is {found!r}, not a {model_type!r} checkpoint")
+
+
+def _unreadable_safetensors_file(source) -> str:
+    """The first weights file of a local checkpoint folder that safetensors cannot open (else the source)."""
+    folder = Path(str(source)).expanduser()
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError:
+            return str(file)
+    return str(source)
+
+
 class MoADepthCLIPPreTrainedModel(PreTrainedModel):
     config: MoADepthCLIPConfig
     config_class = MoADepthCLIPConfig
@@ -447,8 +475,16 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         return self.semantic_context.prompt_embeddings
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        _check_model_type(pretrained_model_name_or_path, cls.config_class.model_type)
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            # safetensors names no file; the same error type keeps it outside the pipeline's catch-all retry
+            raise SafetensorError(
+                f"{_unreadable_safetensors_file(pretrained_model_name_or_path)}: cannot read the weights ({error}); "
+                "the file is truncated or corrupt: save or download it again"
+            ) from None
         # loading materialises fresh parameters; restore the configuration's trainable set on them
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
         model.apply_trainable_mask()
