@@ -18,7 +18,9 @@ accumulation through accelerate.
 Layout of `--output_dir` (default `outputs/train`):
 
     train_args.json           the arguments (also marks the folder as this script's)
-    checkpoints/step_N/       accelerate.save_state every --checkpointing_steps (the last --checkpoints_total_limit)
+    .train.lock               held while a run trains here (one run per folder)
+    checkpoints/step_N/       accelerate.save_state every --checkpointing_steps (the last --checkpoints_total_limit),
+                              written as step_N.tmp/ and renamed once complete
     logs/                     TensorBoard: loss and its parts, learning rates, router usage, eval metrics
     best/                     model + image processor with the lowest eval --metric_for_best_model
     final/                    model + image processor after the last step
@@ -31,11 +33,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import contextlib
 import json
 import logging
 import math
 import os
-import shutil
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -48,6 +52,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
@@ -76,6 +81,24 @@ from modeling_moa_depthclip import (  # noqa: E402
     MoADepthCLIPConfig,
     MoADepthCLIPForDepthEstimation,
     MoADepthCLIPImageProcessor,
+)
+from modeling_moa_depthclip.checkpointing import (  # noqa: E402
+    CheckpointError,
+    GracefulInterrupt,
+    NonFiniteGuard,
+    NonFiniteTrainingError,
+    OutputDirInUseError,
+    TrainingProgress,
+    earlier_outputs,
+    first_example_with_valid_depth,
+    gradient_norm,
+    kill_point,
+    list_checkpoints,
+    lock_holder,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    save_model_folder,
+    start_run,
 )
 from modeling_moa_depthclip.clip_initialization import init_from_clip  # noqa: E402
 from modeling_moa_depthclip.data import (  # noqa: E402
@@ -117,8 +140,8 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
     return value
 
 
@@ -205,17 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
                        help="passed to Accelerator; default: accelerate launch's setting")
     optim.add_argument("--seed", type=int, default=42)
+    optim.add_argument(
+        "--on_nonfinite", choices=["error", "skip"], default="error",
+        help="a step with a non-finite loss or gradient: stop the run naming the step ('error'), or drop that update "
+        "and go on ('skip'); non-finite weights are never saved either way",
+    )
 
     run = parser.add_argument_group("checkpoints, evaluation, logging")
     run.add_argument("--output_dir", default="outputs/train")
     run.add_argument("--overwrite_output_dir", action="store_true",
-                     help="write into a non-empty --output_dir that is not from a previous run of this script")
+                     help="write into a non-empty --output_dir that is not from a previous run of this script, or "
+                     "replace the checkpoints, best/ and final/ of an earlier run there")
     run.add_argument("--checkpointing_steps", type=_non_negative_int, default=100,
                      help="accelerate.save_state every N steps into output_dir/checkpoints/step_N (0: never)")
     run.add_argument("--checkpoints_total_limit", type=_non_negative_int, default=2,
                      help="keep only the last N checkpoints (0: keep all)")
     run.add_argument("--resume_from_checkpoint", default=None,
-                     help="'latest' (the newest in output_dir/checkpoints) or a step_N folder")
+                     help="'latest' (the newest complete one in output_dir/checkpoints; incomplete ones are skipped "
+                     "with a warning) or a step_N folder")
     run.add_argument(
         "--stop_after_steps", type=moa_eval._positive_int, default=None,
         help="end this run after this many steps (counted from the start of training), saving a checkpoint and "
@@ -287,7 +317,7 @@ def load_or_build_model(args, parser):
     if args.model is not None:
         try:
             model, image_processor = moa_eval.load_model_and_processor(args.model)
-        except ValueError as error:
+        except (ValueError, SafetensorError) as error:
             parser.error(f"--model: {error}")
         model.apply_trainable_mask()
         return model, image_processor, f"checkpoint {args.model}"
@@ -390,60 +420,16 @@ def resolve_eval_split(source: str, requested: str | None) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-PROGRESS_FILE = "training_progress.json"
-
-
-class TrainingProgress:
-    """Everything besides model/optimizer/scheduler/RNG that a resumed run needs.
-
-    Kept as JSON beside `accelerate.save_state`'s files rather than registered for checkpointing, which accelerate
-    would pickle and unpickle without `weights_only`.
-    """
-
-    def __init__(self):
-        self.global_step = 0
-        self.best_metric: float | None = None
-        self.best_step: int | None = None
-        self.loss_history: list[list[float]] = []  # [step, loss]
-        self.eval_history: list[dict] = []  # {"step", metrics...}
-
-    def state_dict(self) -> dict:
-        return {
-            "global_step": self.global_step,
-            "best_metric": self.best_metric,
-            "best_step": self.best_step,
-            "loss_history": self.loss_history,
-            "eval_history": self.eval_history,
-        }
-
-    def load_state_dict(self, state: dict):
-        self.global_step = int(state["global_step"])
-        self.best_metric = state.get("best_metric")
-        self.best_step = state.get("best_step")
-        self.loss_history = [list(x) for x in state.get("loss_history", [])]
-        self.eval_history = [dict(x) for x in state.get("eval_history", [])]
-
-    def save(self, folder: Path):
-        (folder / PROGRESS_FILE).write_text(json.dumps(self.state_dict()) + "\n")
-
-    def load(self, folder: Path):
-        self.load_state_dict(json.loads((folder / PROGRESS_FILE).read_text()))
-
-
-def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
-    folder = output_dir / "checkpoints"
-    found = []
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if path.is_dir() and path.name.startswith("step_") and path.name[5:].isdigit():
-                found.append((int(path.name[5:]), path))
-    return sorted(found)
-
-
 def check_output_dir(args, parser) -> Path:
     output_dir = Path(args.output_dir).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output_dir {output_dir} exists and is not a folder")
+    holder = lock_holder(output_dir)
+    if holder is not None:  # checked first: a live run's checkpoints are not "an earlier run"
+        parser.error(
+            f"--output_dir {output_dir} is in use by another training run (pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}); wait for it to end or choose another folder"
+        )
     if output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
         marker = output_dir / RUN_MARKER
         ours = False
@@ -461,44 +447,39 @@ def check_output_dir(args, parser) -> Path:
 
 
 def resolve_resume(args, parser, output_dir: Path) -> Path | None:
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir / 'checkpoints'}; starting from scratch")
-            return None
-        return checkpoints[-1][1]
-    path = Path(args.resume_from_checkpoint).expanduser()
-    if not path.is_dir():
-        parser.error(f"--resume_from_checkpoint {path}: no such checkpoint folder")
-    if not (path / PROGRESS_FILE).is_file():
-        parser.error(f"--resume_from_checkpoint {path}: not a checkpoint of this script (no {PROGRESS_FILE})")
-    return path
+    """The checkpoint to resume from; refuses to replace an earlier run's results unless --overwrite_output_dir."""
+    try:
+        resume_path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+    except CheckpointError as error:
+        parser.error(f"--resume_from_checkpoint {error}")
+    replaced = earlier_outputs(output_dir, resume_path)
+    if replaced and not args.overwrite_output_dir:
+        shown = ", ".join(os.path.relpath(p, output_dir) for p in replaced)
+        if resume_path is None:
+            parser.error(
+                f"--output_dir {output_dir} holds an earlier run ({shown}): continue it with "
+                "--resume_from_checkpoint latest, or pass --overwrite_output_dir to replace it"
+            )
+        parser.error(
+            f"--resume_from_checkpoint {resume_path}: {output_dir} holds newer checkpoints ({shown}) that this run "
+            "would replace; pass --overwrite_output_dir to drop them, or resume into another --output_dir"
+        )
+    return resume_path
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int, progress: TrainingProgress) -> Path:
-    path = output_dir / "checkpoints" / f"step_{step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        progress.save(path)
-    if accelerator.is_main_process and total_limit > 0:
-        for _, old in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return path
-
-
-def save_model(accelerator, model, image_processor, folder: Path, extra: dict | None = None):
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(folder, state_dict=state_dict)
-        image_processor.save_pretrained(folder)
-        if extra is not None:
-            (folder / "training_info.json").write_text(json.dumps(extra, indent=2) + "\n")
-    accelerator.wait_for_everyone()
+def resume_command(argv: Sequence[str] | None) -> str:
+    """This run's command line with `--resume_from_checkpoint latest` (replacing any resume flag)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--resume_from_checkpoint":
+            skip = True
+        elif not item.startswith("--resume_from_checkpoint="):
+            kept.append(item)
+    launcher = ["accelerate", "launch"] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ["python"]
+    return shlex.join([*launcher, os.path.relpath(__file__), *kept, "--resume_from_checkpoint", "latest"])
 
 
 def plot_loss_curve(progress: TrainingProgress, path: Path, metric: str) -> Path | None:
@@ -541,6 +522,16 @@ def plot_loss_curve(progress: TrainingProgress, path: Path, metric: str) -> Path
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Train; exits 1 on divergence, 128 + signal number after SIGINT/SIGTERM (with a checkpoint), 2 on bad input."""
+    try:
+        with contextlib.ExitStack() as cleanup:  # lock, signal handlers, progress bar: released before the message
+            return train(argv, cleanup)
+    except NonFiniteTrainingError as error:
+        print(f"{Path(__file__).name}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def train(argv: Sequence[str] | None, cleanup: contextlib.ExitStack) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     total_start = time.perf_counter()
@@ -629,13 +620,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         logger.info("gradient checkpointing on: CLIP blocks are recomputed in the backward pass")
+    # without a single valid depth pixel every loss term is 0: nothing would be learnt, yet a model would be saved
+    if first_example_with_valid_depth(train_base, model.config.min_depth, model.config.max_depth) is None:
+        parser.error(
+            f"--dataset {args.dataset}: none of the {len(train_base)} training examples has a valid depth pixel "
+            f"(finite, in ({model.config.min_depth:g}, {model.config.max_depth:g}] m, the model's depth range)"
+        )
 
-    # Output folder: mark it as ours; a fresh (not resumed) run drops the checkpoints of an earlier run.
+    # Output folder: one run at a time; mark it as ours (--overwrite_output_dir: drop what an earlier run left)
+    try:
+        lock = start_run(accelerator, output_dir, resume_path, args.overwrite_output_dir)
+    except OutputDirInUseError as error:
+        parser.error(f"--output_dir {error}")
+    if lock is not None:
+        cleanup.callback(lock.release)
+    interrupt = cleanup.enter_context(GracefulInterrupt())
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if resume_path is None:
-            for _, old in list_checkpoints(output_dir):
-                shutil.rmtree(old, ignore_errors=True)
         (output_dir / RUN_MARKER).write_text(json.dumps({"script": SCRIPT_ID, **vars(args)}, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
 
@@ -713,15 +713,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         metrics = result["metrics"]
         progress.eval_history.append({"step": step, **metrics})
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        improved = progress.best_metric is None or metrics[metric] < progress.best_metric
+        improved = math.isfinite(metrics[metric]) and (progress.best_metric is None or metrics[metric] < progress.best_metric)
         logger.info(
             f"step {step}: eval {eval_split} abs_rel {metrics['abs_rel']:.4f} rmse {metrics['rmse']:.4f} "
             f"d1 {metrics['d1']:.4f}" + (" (best so far: saved to best/)" if improved else "")
         )
         if improved:
             progress.best_metric, progress.best_step = float(metrics[metric]), step
-            save_model(accelerator, model, image_processor, output_dir / "best",
-                       {"step": step, "eval_split": eval_split, "metric_for_best_model": metric, "eval_metrics": metrics})
+            save_model_folder(accelerator, model, image_processor, output_dir / "best", {
+                "step": step, "eval_split": eval_split, "metric_for_best_model": metric, "eval_metrics": metrics
+            })
         return metrics
 
     global_step = progress.global_step
@@ -730,10 +731,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     progress_bar = tqdm(total=args.max_train_steps, initial=global_step, desc="train", unit="step",
                         disable=not accelerator.is_local_main_process)
+    cleanup.callback(progress_bar.close)
     model.train()
     train_start = time.perf_counter()
     eval_seconds = 0.0
     window = {"loss": [], "components": [], "router": []}
+    # fp16 gradient scaling skips overflowing steps itself: only its losses are checked
+    guard = NonFiniteGuard(accelerator, args.on_nonfinite, check_gradients=accelerator.mixed_precision != "fp16")
+    signum = checkpoint = None
     while global_step < stop_at:
         train_dataloader.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_dataloader, skip_batches) if skip_batches else train_dataloader
@@ -743,19 +748,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
                 loss = outputs.loss
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable_parameters, args.max_grad_norm)
-                optimizer.step()
+                window["loss"].append(loss.detach().float())
+                update = True
+                if accelerator.sync_gradients:
+                    if args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(trainable_parameters, args.max_grad_norm)
+                    else:
+                        grad_norm = gradient_norm(trainable_parameters)
+                    # one verdict for all processes (raises with --on_nonfinite error)
+                    update = guard.step_is_finite(global_step + 1, window["loss"], grad_norm)
+                if update:
+                    optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             components = outputs.loss_components
-            window["loss"].append(loss.detach().float())
             window["components"].append(torch.stack([components[k].float() for k in sorted(components)]))
             window["router"].append(outputs.router_probs.detach().float().mean(dim=0))
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
             progress.global_step = global_step
+            if not update:
+                progress.skipped_steps.append(global_step)
+            elif bad := [p for p in trainable_parameters if not torch.isfinite(p.detach()).all()]:
+                names = {id(p): n for n, p in model.named_parameters()}
+                raise NonFiniteTrainingError(
+                    f"training diverged at step {global_step}: the update made {len(bad)} parameter(s) non-finite "
+                    f"(first: {names[id(bad[0])]}); nothing of step {global_step} was saved (lower --learning_rate)"
+                )
+            kill_point("step", global_step)
+            signum = interrupt.agreed(accelerator)
             stats = torch.cat([
                 torch.stack(window["loss"]).mean().reshape(1),
                 torch.stack(window["components"]).mean(dim=0),
@@ -783,15 +805,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 eval_start = time.perf_counter()
                 run_periodic_eval(global_step)
                 eval_seconds += time.perf_counter() - eval_start
-            stopping = global_step >= stop_at and not last
+            stopping = (global_step >= stop_at or signum is not None) and not last
             if (args.checkpointing_steps and global_step % args.checkpointing_steps == 0) or stopping:
-                path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, progress)
-                logger.info(f"step {global_step}: saved state to {path}")
-            if global_step >= stop_at:
+                checkpoint = save_checkpoint(accelerator, output_dir, global_step, progress, args.checkpoints_total_limit)
+                logger.info(f"step {global_step}: saved state to {checkpoint}")
+            if global_step >= stop_at or signum is not None:
                 break
+        if signum is not None:
+            break
         epoch += 1
     progress_bar.close()
+    interrupt.restore()  # from here on (final save and evaluation) Ctrl-C acts at once
     train_seconds = time.perf_counter() - train_start
+    if signum is not None and global_step < args.max_train_steps:
+        if accelerator.is_main_process:
+            print(f"\nStopped by {signal.Signals(signum).name} after step {global_step} (checkpoint {checkpoint}). "
+                  f"Resume with:\n  {resume_command(argv)}", file=sys.stderr)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        raise SystemExit(128 + signum)
     loss_curve = None
     if accelerator.is_main_process:
         loss_curve = plot_loss_curve(progress, output_dir / "loss_curve.png", metric)
@@ -804,6 +836,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "eval_history": progress.eval_history,
         "best_step": progress.best_step,
         "best_metric": progress.best_metric,
+        "skipped_steps": progress.skipped_steps,
     }
     if global_step < args.max_train_steps:
         logger.info(
@@ -815,7 +848,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return summary
 
     info = {"step": global_step, "model": model_description, "args": {k: str(v) for k, v in vars(args).items()}}
-    save_model(accelerator, model, image_processor, output_dir / "final", info)
+    save_model_folder(accelerator, model, image_processor, output_dir / "final", info)
+    if signum is not None:  # the signal came during the last step: the model is complete, its evaluation is not run
+        if accelerator.is_main_process:
+            print(f"\nStopped by {signal.Signals(signum).name} after the last step; final model: {output_dir / 'final'} "
+                  "(final evaluation skipped)", file=sys.stderr)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        raise SystemExit(128 + signum)
     summary["final_model"] = str(output_dir / "final")
 
     # Final evaluation on the test datasets.

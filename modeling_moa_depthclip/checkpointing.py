@@ -536,6 +536,86 @@ class RunLock:
         self.release()
 
 
+def lock_holder(output_dir: Path) -> dict | None:
+    """The live run holding `output_dir`'s lock (its record, or {} if unrecorded), else None; takes nothing.
+
+    A shared, non-blocking probe: any number of processes of one launch may ask at once.
+    """
+    lock = RunLock(output_dir)
+    if not lock.path.is_file():
+        return None
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    try:
+        fd = os.open(lock.path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return lock._read_holder() or {}
+        holder = lock._read_holder()  # no flock on this filesystem: judge the recorded pid
+        return holder if lock._holder_alive(holder) else None
+    finally:
+        os.close(fd)
+    return None
+
+
+def earlier_outputs(output_dir: Path, resume_path: Path | None) -> list[str]:
+    """What a run starting (or resuming from `resume_path`) in `output_dir` would replace of an earlier run.
+
+    From scratch: its complete checkpoints, `best/` and `final/`; when resuming: the checkpoints newer than the one
+    resumed (another branch of the run, which `latest` would otherwise pick later).
+    """
+    output_dir = Path(output_dir)
+    checkpoints = list_checkpoints(output_dir)
+    if resume_path is not None:
+        resumed = _step_of(Path(resume_path).name)
+        return [str(path) for step, path in checkpoints if resumed is not None and step > resumed]
+    found = [str(path) for _, path in checkpoints]
+    return found + [str(output_dir / name) for name in ("best", "final") if (output_dir / name).is_dir()]
+
+
+def acquire_run_lock(accelerator, output_dir: Path) -> RunLock | None:
+    """The main process locks `output_dir`; every process raises OutputDirInUseError if that failed.
+
+    Other processes take no lock (they write only inside the main process's folders), and learn the outcome by a
+    broadcast, so none of them waits for a main process that has already given up.
+    """
+    lock, message = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(output_dir).acquire()
+        except OutputDirInUseError as error:
+            message = str(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([message])[0]
+    if message is not None:
+        raise OutputDirInUseError(message)
+    return lock
+
+
+def start_run(accelerator, output_dir: Path, resume_path: Path | None, overwrite: bool) -> RunLock | None:
+    """Lock `output_dir`, repair what a kill left of `best/`/`final/`, and (with `overwrite`) remove what this run
+    replaces of an earlier one (see `earlier_outputs`). Returns the lock (None on other processes)."""
+    lock = acquire_run_lock(accelerator, output_dir)
+    if accelerator.is_main_process:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        for note in recover_model_folders(output_dir):
+            logger.warning(note)
+        if overwrite:
+            for path in earlier_outputs(output_dir, resume_path):
+                logger.info(f"--overwrite_output_dir: removing {path}")
+                _remove_tree(Path(path))
+    accelerator.wait_for_everyone()
+    return lock
+
+
 # ------------------------------------------------------------------------------------------------
 # Signals
 # ------------------------------------------------------------------------------------------------
@@ -579,6 +659,13 @@ class GracefulInterrupt:
     def exit_code(self) -> int:
         return 128 + int(self.signum) if self.signum is not None else 0
 
+    def agreed(self, accelerator) -> int | None:
+        """The signal any process has received (every process gets the same answer: one collective)."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([float(self.signum or 0)], device=accelerator.device)
+        return int(accelerator.gather(flag).max()) or None
+
     def __enter__(self):
         return self.install()
 
@@ -605,9 +692,8 @@ class NonFiniteGuard:
         self.accelerator, self.on_nonfinite, self.check_gradients = accelerator, on_nonfinite, check_gradients
         self.skipped: list[int] = []
 
-    def step_is_finite(self, step: int, losses: list[torch.Tensor], grad_norm: torch.Tensor | float | None,
-                       interrupt: int | None = None) -> tuple[bool, int | None]:
-        """(whether step `step` may update, the interrupt signal any process received) — one collective at most.
+    def step_is_finite(self, step: int, losses: list[torch.Tensor], grad_norm: torch.Tensor | float | None) -> bool:
+        """Whether step `step` may update the weights (the same answer on every process: one collective).
 
         `losses`: this process's micro-batch losses of the step; `grad_norm`: the total gradient norm (or None).
         """
@@ -617,12 +703,12 @@ class NonFiniteGuard:
         bad_grad = torch.zeros((), dtype=torch.bool, device=device)
         if self.check_gradients and grad_norm is not None:
             bad_grad = ~torch.isfinite(torch.as_tensor(grad_norm, device=device).float())
-        flags = torch.stack([bad_loss.float(), bad_grad.float(), torch.tensor(float(interrupt or 0), device=device)])
+        flags = torch.stack([bad_loss, bad_grad]).float()
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.gather(flags.reshape(1, -1)).amax(dim=0)
-        bad_loss, bad_grad, signum = bool(flags[0]), bool(flags[1]), int(flags[2])
+        bad_loss, bad_grad = bool(flags[0]), bool(flags[1])
         if not (bad_loss or bad_grad):
-            return True, signum or None
+            return True
         what = " and ".join(
             part for part, bad in (
                 (f"the loss is {_describe(loss)}", bad_loss), (f"the gradient norm is {_describe(grad_norm)}", bad_grad)
@@ -635,7 +721,7 @@ class NonFiniteGuard:
             )
         self.skipped.append(step)
         logger.warning(f"step {step}: {what}; update skipped (--on_nonfinite skip; {len(self.skipped)} skipped so far)")
-        return False, signum or None
+        return False
 
 
 def _describe(value) -> str:
@@ -677,6 +763,10 @@ __all__ = [
     "OutputDirInUseError",
     "RunLock",
     "TrainingProgress",
+    "acquire_run_lock",
+    "earlier_outputs",
+    "lock_holder",
+    "start_run",
     "checkpoint_problem",
     "first_example_with_valid_depth",
     "gradient_norm",

@@ -272,13 +272,14 @@ def test_without_flock_the_recorded_pid_decides(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_a_signal_becomes_a_request_and_a_second_one_acts_as_usual():
+def test_a_signal_becomes_a_request_and_a_second_one_acts_as_usual(accelerator):
     before = signal.getsignal(signal.SIGTERM)
     with GracefulInterrupt() as interrupt:
-        assert interrupt.signum is None and interrupt.exit_code == 0
+        assert interrupt.signum is None and interrupt.exit_code == 0 and interrupt.agreed(accelerator) is None
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
         assert interrupt.signum == signal.SIGTERM and interrupt.exit_code == 143
+        assert interrupt.agreed(accelerator) == signal.SIGTERM
         # the first signal handed both signals back to their previous handlers
         assert signal.getsignal(signal.SIGTERM) is before
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -288,19 +289,19 @@ def test_a_signal_becomes_a_request_and_a_second_one_acts_as_usual():
 def test_the_guard_stops_or_skips_nonfinite_steps(accelerator):
     finite = [torch.tensor(1.5), torch.tensor(0.5)]
     guard = NonFiniteGuard(accelerator)
-    assert guard.step_is_finite(3, finite, torch.tensor(2.0)) == (True, None)
-    assert guard.step_is_finite(3, finite, None, interrupt=signal.SIGINT) == (True, signal.SIGINT)
+    assert guard.step_is_finite(3, finite, torch.tensor(2.0)) is True
+    assert guard.step_is_finite(3, finite, None) is True
     with pytest.raises(NonFiniteTrainingError, match="diverged at step 7: the loss is nan"):
         guard.step_is_finite(7, [torch.tensor(1.0), torch.tensor(float("nan"))], torch.tensor(1.0))
     with pytest.raises(NonFiniteTrainingError, match="step 8: the gradient norm is inf"):
         guard.step_is_finite(8, finite, torch.tensor(float("inf")))
 
     skipping = NonFiniteGuard(accelerator, on_nonfinite="skip")
-    assert skipping.step_is_finite(9, [torch.tensor(float("inf"))], torch.tensor(float("nan"))) == (False, None)
+    assert skipping.step_is_finite(9, [torch.tensor(float("inf"))], torch.tensor(float("nan"))) is False
     assert skipping.skipped == [9]
     # fp16 gradient scaling owns overflowing gradients
     scaled = NonFiniteGuard(accelerator, check_gradients=False)
-    assert scaled.step_is_finite(10, finite, torch.tensor(float("inf"))) == (True, None)
+    assert scaled.step_is_finite(10, finite, torch.tensor(float("inf"))) is True
     with pytest.raises(ValueError, match="on_nonfinite"):
         NonFiniteGuard(accelerator, on_nonfinite="ignore")
 
