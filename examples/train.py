@@ -621,7 +621,7 @@ def train(argv: Sequence[str] | None, cleanup: contextlib.ExitStack) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         logger.info("gradient checkpointing on: CLIP blocks are recomputed in the backward pass")
     # without a single valid depth pixel every loss term is 0: nothing would be learnt, yet a model would be saved
-    if first_example_with_valid_depth(train_base, model.config.min_depth, model.config.max_depth) is None:
+    if first_example_with_valid_depth(train_base, model.depth_loss.valid_mask) is None:
         parser.error(
             f"--dataset {args.dataset}: none of the {len(train_base)} training examples has a valid depth pixel "
             f"(finite, in ({model.config.min_depth:g}, {model.config.max_depth:g}] m, the model's depth range)"

@@ -740,17 +740,16 @@ def gradient_norm(parameters) -> torch.Tensor | None:
     return torch.nn.utils.get_total_norm(grads)
 
 
-def first_example_with_valid_depth(dataset, min_depth: float, max_depth: float) -> int | None:
-    """Index of the first example with a usable depth pixel (finite, in (min_depth, max_depth]); None if none has.
+def first_example_with_valid_depth(dataset, valid_mask) -> int | None:
+    """Index of the first example with a depth pixel that `valid_mask` (e.g. the model's `depth_loss.valid_mask`)
+    accepts; None if none has.
 
     Stops at the first hit, so a normal dataset costs one example; only a dataset without any valid pixel is read
     in full.
     """
-    from .losses import valid_depth_mask
-
     for index in range(len(dataset)):
         depth = torch.from_numpy(np.asarray(dataset[index]["depth"], dtype=np.float32))
-        if valid_depth_mask(depth, max_depth, min_depth).any():
+        if valid_mask(depth[None]).any():
             return index
     return None
 

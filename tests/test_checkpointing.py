@@ -29,8 +29,6 @@ from modeling_moa_depthclip.checkpointing import (
 from tiny_models import tiny_model, tiny_processor
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def accelerator():
@@ -318,10 +316,15 @@ def test_gradient_norm_and_nonfinite_parameters():
     assert ckpt.nonfinite_parameters(layer) == ["bias"]
 
 
-def test_first_example_with_valid_depth_uses_the_configured_range():
+def test_first_example_with_valid_depth_uses_the_loss_mask_of_the_configuration():
     import numpy as np
 
+    from modeling_moa_depthclip.losses import DepthLoss
+
+    from tiny_models import tiny_config
+
     invalid = [{"depth": np.zeros((4, 4))}, {"depth": np.full((4, 4), np.nan)}, {"depth": np.full((4, 4), 20.0)}]
-    assert ckpt.first_example_with_valid_depth(invalid, 1e-3, 10.0) is None
-    assert ckpt.first_example_with_valid_depth(invalid, 1e-3, 25.0) == 2
-    assert ckpt.first_example_with_valid_depth(invalid + [{"depth": np.full((4, 4), 2.0)}], 1e-3, 10.0) == 3
+    assert ckpt.first_example_with_valid_depth(invalid, DepthLoss(tiny_config()).valid_mask) is None
+    assert ckpt.first_example_with_valid_depth(invalid, DepthLoss(tiny_config(max_depth=25.0)).valid_mask) == 2
+    more = invalid + [{"depth": np.full((4, 4), 2.0)}]
+    assert ckpt.first_example_with_valid_depth(more, DepthLoss(tiny_config()).valid_mask) == 3
