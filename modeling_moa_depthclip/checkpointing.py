@@ -192,7 +192,7 @@ def checkpoint_problem(path: Path) -> str | None:
         return "no such folder"
     marker = path / COMPLETE_MARKER
     if not marker.is_file():
-        return f"not marked complete (no {COMPLETE_MARKER}): its writing was interrupted"
+        return f"not marked complete (no {COMPLETE_MARKER}): its writing was interrupted, or it predates them"
     try:
         files = json.loads(marker.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from modeling_moa_depthclip.checkpointing import KILL_ENV, LOCK_FILE
 
-from test_train_evaluate import EXAMPLES, _error_of, _subprocess_env, one_thread, run_train, train_script  # noqa: F401
+from test_train_evaluate import ACCELERATE, EXAMPLES, _error_of, _subprocess_env, one_thread, run_train, train_script  # noqa: F401
 
 
 COMMON = (
@@ -141,6 +141,27 @@ def test_one_run_per_output_folder_and_nothing_of_an_earlier_run_is_replaced_una
     assert summary["global_step"] == 1
     assert [p.name for _, p in train_script.list_checkpoints(out)] == ["step_1"]
     assert json.loads((out / "final" / "training_info.json").read_text())["step"] == 1
+
+
+def test_two_processes_refused_together_without_hanging(tmp_path):
+    """Under `accelerate launch` with 2 processes only the main process takes the lock, and when the folder is in
+    use every process stops with the one-line error (none waits for the other)."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), str(EXAMPLES.parent)], stdout=subprocess.PIPE,
+                              text=True, env=_subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        launch = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+        refused = subprocess.run([*launch, str(EXAMPLES / "train.py"), *map(str, COMMON), "--output_dir", str(out)],
+                                 env=_subprocess_env(), capture_output=True, text=True, timeout=240)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.returncode != 0
+    errors = [line for line in refused.stderr.splitlines() if "is in use by another training run" in line]
+    assert len(errors) == 2 and all(f"(pid {holder.pid} on" in line for line in errors), refused.stderr[-3000:]
+    assert _entries(out) == [LOCK_FILE]
 
 
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_exit_code_130(run_train, tmp_path, monkeypatch, capsys):
