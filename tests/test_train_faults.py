@@ -135,6 +135,17 @@ def test_one_run_per_output_folder_and_nothing_of_an_earlier_run_is_replaced_una
     message = _error_of(train_script.main, [*args, "--resume_from_checkpoint", out / "checkpoints" / "step_1"], capsys)
     assert "holds newer checkpoints (checkpoints/step_2)" in message
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name != LOCK_FILE} == before
+    # naming a checkpoint whose writing was cut short: refused, naming it, why, and the one to use
+    (out / "checkpoints" / "step_3").mkdir()
+    (out / "checkpoints" / "step_3" / "training_progress.json").write_text("{}")
+    message = _error_of(train_script.main, [*args, "--resume_from_checkpoint", out / "checkpoints" / "step_3"], capsys)
+    assert message.endswith(
+        f"--resume_from_checkpoint {out / 'checkpoints' / 'step_3'} is an incomplete checkpoint: not marked complete "
+        f"(no checkpoint_complete.json): its writing was interrupted, or it predates them; the newest complete one "
+        f"is {out / 'checkpoints' / 'step_2'}"
+    ), message
+    (out / "checkpoints" / "step_3" / "training_progress.json").unlink()
+    (out / "checkpoints" / "step_3").rmdir()
 
     # asked: it replaces them
     summary = run_train(*args, "--overwrite_output_dir", "--max_train_steps", 1)
