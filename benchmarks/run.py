@@ -3,6 +3,7 @@
     python benchmarks/run.py            # full run, a few minutes on 2 CPU cores; writes BENCHMARKS.md
     python benchmarks/run.py --quick    # fewer repetitions
     python benchmarks/run.py --no-write # print only
+    python benchmarks/run.py --only-compile  # just the eager / packed / compiled rows, printed
 
 Everything is measured in this one run, on this machine, with randomly initialised weights (speed and memory do not
 depend on the weight values; no model hub is reachable here):
@@ -17,7 +18,8 @@ depend on the weight values; no model hub is reachable here):
    against a large fp32 matmul timed interleaved with it;
 4. training cost: parameters, time per AdamW step and peak memory (each configuration in its own subprocess);
 5. peak memory (RSS) of inference, each model in its own subprocess;
-6. onnxruntime latency of the exported model (conversion/export_onnx.py).
+6. onnxruntime latency of the exported model (conversion/export_onnx.py);
+7. batch-1 forward eager, with `PackedLinear`, and under `torch.compile` (`--only-compile` runs just these rows).
 
 Peak memory is the kernel's resident-set high-water mark (`VmHWM` of /proc/self/status), reset with
 /proc/self/clear_refs just before the measured work, reported as the absolute peak and as the rise over the resident
@@ -53,7 +55,7 @@ THROUGHPUT_BATCH = 8
 
 OURS_DEFAULT = "MoA-DepthCLIP default"
 OURS_PAPER = "MoA-DepthCLIP paper"
-# the default model loaded with `pack_weights_for_cpu_inference=False`: MKL's sgemm instead of `PackedLinear`
+# the default model in `pipeline(..., pack_linear_weights=False)`: MKL's sgemm instead of `PackedLinear`
 OURS_UNPACKED = "MoA-DepthCLIP default, unpacked weights"
 DEPTH_ANYTHING = "Depth Anything V2 Small"
 DPT_HYBRID = "DPT-Hybrid"
@@ -134,8 +136,8 @@ def load_pipeline(folder, dtype="float32", unpacked=False):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model_kwargs = {"pack_weights_for_cpu_inference": False} if unpacked else {}
-    return pipeline("depth-estimation", model=str(folder), device="cpu", dtype=dtype, model_kwargs=model_kwargs)
+    options = {"pack_linear_weights": False} if unpacked else {}
+    return pipeline("depth-estimation", model=str(folder), device="cpu", dtype=dtype, **options)
 
 
 def load_frames(count: int):
@@ -292,6 +294,81 @@ def bench_flops(pipelines, repeats):
             "by_op": {op: count / flops for op, count in by_op.items()},
         }
     return results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 7. eager, packed and compiled forward
+
+
+COMPILE_SIZE = 224
+
+
+def bench_compile(folder, repeats):
+    """Batch-1 forward of the default model: eager `nn.Linear`, `PackedLinear` and `torch.compile` (inductor,
+    fullgraph). Information, not a floor."""
+    import copy
+
+    import torch
+
+    from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, pack_linear_layers
+
+    eager = MoADepthCLIPForDepthEstimation.from_pretrained(folder).eval()
+    packed = copy.deepcopy(eager)
+    pack_linear_layers(packed)
+    pixel_values = torch.randn(1, 3, COMPILE_SIZE, COMPILE_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = eager(pixel_values=pixel_values).predicted_depth
+        compiled = torch.compile(eager, fullgraph=True)
+        start = time.perf_counter()
+        compiled_depth = compiled(pixel_values=pixel_values).predicted_depth
+        compile_s = time.perf_counter() - start
+        times = interleaved_medians(
+            {
+                "eager": lambda: eager(pixel_values=pixel_values),
+                "packed": lambda: packed(pixel_values=pixel_values),
+                "compiled": lambda: compiled(pixel_values=pixel_values),
+            },
+            repeats, warmup=2,
+        )
+        packed_depth = packed(pixel_values=pixel_values).predicted_depth
+    return {
+        "latency_ms": {name: value * 1e3 for name, value in times.items()},
+        "compile_s": compile_s,
+        "max_diff_m": {
+            "packed": float((packed_depth - reference).abs().max()),
+            "compiled": float((compiled_depth - reference).abs().max()),
+        },
+        "threads": torch.get_num_threads(),
+    }
+
+
+def render_compile(result) -> list[str]:
+    latency = result["latency_ms"]
+    labels = {
+        "eager": "eager (`nn.Linear`: MKL's sgemm)",
+        "packed": "packed (`PackedLinear`: oneDNN on weights packed once; the pipeline's default on CPU)",
+        "compiled": "compiled (`torch.compile(model, fullgraph=True)`, inductor)",
+    }
+    lines = [
+        f"## 7. Eager, packed and compiled forward ({OURS_DEFAULT}, batch 1, {COMPILE_SIZE}x{COMPILE_SIZE}, fp32, "
+        "information)",
+        "",
+        "| forward | batch-1 latency (ms) | x eager | max abs difference from eager (m) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, label in labels.items():
+        difference = result["max_diff_m"].get(name)
+        lines.append(
+            f"| {label} | {latency[name]:.1f} | {latency[name] / latency['eager']:.2f} | "
+            f"{'-' if difference is None else f'{difference:.1e}'} |"
+        )
+    lines += [
+        "",
+        f"`model(pixel_values=...)` in inference mode, timed round-robin, {result['threads']} threads. The first "
+        f"compiled call (tracing and inductor's C++ build) took {result['compile_s']:.0f} s. `PackedLinear` steps "
+        "aside under `torch.compile`, so the compiled model is the same whether packed or not.",
+    ]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -600,9 +677,9 @@ def render(results, quick) -> str:
         "fusion 256), `DPTImageProcessorPil` 384x384. transformers' torchvision image processors are not used "
         "(no torchvision here).",
         "",
-        f"{OURS_UNPACKED} is the default's saved model loaded with `pack_weights_for_cpu_inference=False`: its "
+        f"{OURS_UNPACKED} is the default's saved model in `pipeline(..., pack_linear_weights=False)`: its "
         "linear layers run `F.linear` (MKL's sgemm for fp32 on CPU) instead of `PackedLinear` (oneDNN on weights "
-        "packed once), the only difference between the two rows.",
+        "packed once, which the pipeline installs on CPU in fp32), the only difference between the two rows.",
         "",
     ]
     bf16 = results["bf16"]
@@ -737,6 +814,8 @@ def render(results, quick) -> str:
             f"Export took {onnx['export_s']:.0f} s. The session runs with `allow_spinning=False`: onnxruntime's "
             "idle threads otherwise busy-wait after each run and slow the PyTorch runs interleaved with them.",
         ]
+    if results.get("compile"):
+        lines += [""] + render_compile(results["compile"])
     return "\n".join(lines) + "\n"
 
 
@@ -793,6 +872,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"), help="report to write")
     parser.add_argument("--no-write", action="store_true", help="print the report without writing it")
     parser.add_argument("--skip-onnx", action="store_true", help="leave out the ONNX export and onnxruntime timing")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
+    parser.add_argument(
+        "--only-compile", action="store_true",
+        help="only the eager / packed / compiled rows of the default model, printed (BENCHMARKS.md is not written)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -806,6 +890,14 @@ def main(argv=None) -> int:
         return 0
 
     repeats, batch_repeats, train_steps = (4, 1, 2) if args.quick else (10, 3, 4)
+    if args.only_compile:
+        with tempfile.TemporaryDirectory(prefix="moa_bench_") as tmp:
+            model, _ = build_model_and_processor(OURS_DEFAULT)
+            with contextlib.redirect_stderr(io.StringIO()):
+                model.save_pretrained(tmp)
+            del model
+            print("\n".join(render_compile(bench_compile(tmp, repeats))))
+        return 0
     results = {"machine": machine_description(), "repeats": repeats, "batch_repeats": batch_repeats}
     started = time.perf_counter()
 
@@ -845,6 +937,9 @@ def main(argv=None) -> int:
         if not args.skip_onnx:
             progress("ONNX export and onnxruntime")
             results["onnx"] = bench_onnx(pipelines[OURS_DEFAULT], frames, tmp, repeats)
+        if not args.skip_compile:
+            progress("eager, packed and compiled forward")
+            results["compile"] = bench_compile(folders[OURS_DEFAULT], repeats)
     results["load_end"] = _load_average()
     results["floors"] = evaluate_floors(results)
     progress("done")

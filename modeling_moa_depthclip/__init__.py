@@ -1,7 +1,8 @@
 """MoA-DepthCLIP: metric monocular depth from CLIP ViT-B/32 with a prompt-guided Mixture-of-Adapters.
 
-Importing this package registers the model with transformers' auto classes and the `depth-estimation` pipeline,
-so `AutoModelForDepthEstimation.from_pretrained(folder)` and `pipeline("depth-estimation", model=folder)` work.
+Importing this package registers the model with transformers' auto classes and routes MoA-DepthCLIP models of the
+`depth-estimation` task to `MoADepthCLIPDepthEstimationPipeline` (other models keep their pipeline), so
+`AutoModelForDepthEstimation.from_pretrained(folder)` and `pipeline("depth-estimation", model=folder)` work.
 """
 
 import logging as _logging
@@ -20,7 +21,8 @@ from .modeling_moa_depthclip import (
     MoADepthCLIPForDepthEstimation,
     MoADepthCLIPPreTrainedModel,
 )
-from .pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
+from .packed_linear import PackedLinear, pack_linear_layers, unpack_linear_layers
+from .pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline, depth_estimation_pipeline_for
 
 
 __version__ = "0.1.0"
@@ -39,17 +41,25 @@ MoADepthCLIPImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 
 def _register_pipeline():
-    # The subclass only adds outputs to the stock pipeline, so it can serve the task for every depth model;
-    # transformers warns when a task is re-registered, which is expected here.
+    # The task keeps serving every other model with the class it had (transformers' own unless something else
+    # replaced it); only MoA-DepthCLIP models get the richer pipeline. transformers warns when a task is
+    # re-registered, which is expected here.
+    from transformers.pipelines import _resolve_impl
+
+    stock = PIPELINE_REGISTRY.supported_tasks["depth-estimation"]
+    stock_class = _resolve_impl(stock["impl"])
+    if getattr(stock_class, "_moa_depthclip_dispatch", False):  # registered already (a reload of this module)
+        return
+    dispatch = depth_estimation_pipeline_for(stock_class)
+    dispatch._moa_depthclip_dispatch = True
     pipelines_logger = _logging.getLogger("transformers.pipelines.base")
     level = pipelines_logger.level
     pipelines_logger.setLevel(_logging.ERROR)
-    stock = PIPELINE_REGISTRY.supported_tasks["depth-estimation"]
     try:
         PIPELINE_REGISTRY.register_pipeline(
             "depth-estimation",
-            pipeline_class=MoADepthCLIPDepthEstimationPipeline,
-            pt_model=AutoModelForDepthEstimation,
+            pipeline_class=dispatch,
+            pt_model=stock.get("pt") or AutoModelForDepthEstimation,
             default=stock.get("default"),
             type=stock.get("type", "image"),
         )
@@ -68,5 +78,8 @@ __all__ = [
     "MoADepthCLIPForDepthEstimation",
     "MoADepthCLIPImageProcessor",
     "MoADepthCLIPPreTrainedModel",
+    "PackedLinear",
     "load_image_file",
+    "pack_linear_layers",
+    "unpack_linear_layers",
 ]

@@ -1,6 +1,7 @@
 """MoA-DepthCLIP model configuration."""
 
 from transformers import CLIPVisionConfig, PreTrainedConfig
+from transformers.dynamic_module_utils import TRANSFORMERS_DYNAMIC_MODULE_NAME
 
 
 # DepthCLIP's prompt set (Zhang et al., 2022): "This {object} is {depth word}", one prompt per depth word.
@@ -39,6 +40,18 @@ DEFAULT_LOSS_WEIGHTS = {
     "gradient": 0.5,
     "ssim": 0.2,
 }
+
+# Written into every saved config.json: with `trust_remote_code=True`, `pipeline("depth-estimation", model=folder)`
+# then builds the richer pipeline from the folder's own copy of pipeline_moa_depthclip.py.
+CUSTOM_PIPELINES = {
+    "depth-estimation": {
+        "impl": "pipeline_moa_depthclip.MoADepthCLIPDepthEstimationPipeline",
+        "pt": ["AutoModelForDepthEstimation"],
+        "type": "image",
+    }
+}
+# True in the copy of this file that transformers loads from a saved folder as remote code
+_LOADED_AS_REMOTE_CODE = __name__.startswith(TRANSFORMERS_DYNAMIC_MODULE_NAME + ".")
 
 DECODERS = ("multiscale", "paper")
 ROUTER_TYPES = ("soft", "topk")
@@ -89,10 +102,6 @@ class MoADepthCLIPConfig(PreTrainedConfig):
             In training, recompute the frozen CLIP blocks that lie after the first trainable module (they only pass
             gradients back to the adapters before them) in the backward pass instead of storing their activations.
             Same gradients, less memory, one extra forward through those blocks.
-        pack_weights_for_cpu_inference (`bool`, *optional*, defaults to `True`):
-            Run gradient-free fp32 inference on CPU through oneDNN on a packed copy of each linear weight
-            (`PackedLinear`): faster than the default MKL path at the few tokens of a ViT-B/32 image, equal up to
-            fp32 rounding, at the cost of one more copy of those weights in memory. Read when the model is built.
     """
 
     model_type = "moa_depthclip"
@@ -122,7 +131,6 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         loss_weights=None,
         silog_lambda=0.85,
         checkpoint_frozen_layers=True,
-        pack_weights_for_cpu_inference=True,
         initializer_range=0.02,
         **kwargs,
     ):
@@ -158,9 +166,15 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
         self.silog_lambda = silog_lambda
         self.checkpoint_frozen_layers = bool(checkpoint_frozen_layers)
-        self.pack_weights_for_cpu_inference = bool(pack_weights_for_cpu_inference)
         self.initializer_range = initializer_range
+        # configs saved by 0.1.0 carry this machine-specific switch; the CPU fast path is now the pipeline's choice
+        kwargs.pop("pack_weights_for_cpu_inference", None)
+        # transformers runs a config's `custom_pipelines` only with trust_remote_code=True, even where the package is
+        # imported; there the package's registration serves the task, so only the remote-code copy claims it
+        custom_pipelines = kwargs.pop("custom_pipelines", None)
         super().__init__(**kwargs)
+        if _LOADED_AS_REMOTE_CODE and custom_pipelines:
+            self.custom_pipelines = custom_pipelines
         self.validate_moa_config()
 
     def validate_moa_config(self):
@@ -214,6 +228,11 @@ class MoADepthCLIPConfig(PreTrainedConfig):
                 raise ValueError(f"loss_weights[{name!r}] must be >= 0, got {weight}")
         if not 0 <= self.silog_lambda <= 1:
             raise ValueError(f"silog_lambda must be in [0, 1], got {self.silog_lambda}")
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["custom_pipelines"] = CUSTOM_PIPELINES
+        return output
 
     @property
     def trainable_layer_indices(self) -> list[int]:

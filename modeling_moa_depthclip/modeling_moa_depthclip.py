@@ -11,7 +11,6 @@ Data flow, pixels to metres (see `MoADepthCLIPForDepthEstimation.forward`):
 
 import json
 import math
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_outputs import DepthEstimatorOutput
 
 from .configuration_moa_depthclip import MoADepthCLIPConfig
@@ -319,85 +319,6 @@ class HybridDepthHead(nn.Module):
         return depth, classification, regression, weight, bin_logits
 
 
-class PackedLinear(nn.Linear):
-    """`nn.Linear` whose gradient-free fp32 CPU forward runs oneDNN on a packed copy of the weight.
-
-    For fp32 on CPU, `F.linear` calls MKL's sgemm, which reorders the weight on every call and stays far below the
-    machine's matmul rate at the 50 tokens of a ViT-B/32 image. oneDNN on a weight reordered once is faster
-    (`benchmarks/run.py` measures it) and equal up to fp32 rounding. The packed copy is built on the first eligible
-    call, rebuilt when the weight changes (new storage or an in-place update), dropped by `train()`, and never
-    enters the state dict: keys and values are those of `nn.Linear`. It costs one more copy of the weight in
-    memory. Autograd, training mode, autocast, other dtypes and devices, tracing and export take `nn.Linear`'s own
-    path.
-    """
-
-    # module -> (weight storage, weight version, packed weight); kept outside the module so that copying or
-    # pickling the model never meets oneDNN's opaque tensors
-    _packed = weakref.WeakKeyDictionary()
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self._use_packed_weight(input):
-            packed = self._packed_weight(input)
-            if packed is not None:
-                return torch.ops.mkldnn._linear_pointwise(input, packed, self.bias, "none", [], "")
-        return super().forward(input)
-
-    def train(self, mode: bool = True):
-        if mode:
-            PackedLinear._packed.pop(self, None)
-        return super().train(mode)
-
-    def _apply(self, fn, recurse=True):
-        # .to(), .half(), .cuda() and the like replace the weight: the packed copy would only hold memory
-        PackedLinear._packed.pop(self, None)
-        return super()._apply(fn, recurse)
-
-    def _use_packed_weight(self, input: torch.Tensor) -> bool:
-        return (
-            not self.training
-            and not torch.is_grad_enabled()
-            and type(input) is torch.Tensor  # not a fake, functional or proxy tensor of tracing and export
-            and input.device.type == "cpu"
-            and input.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")  # autocast would run this layer in bf16
-            and self.weight.dtype == torch.float32
-            and not self.weight.is_inference()  # no version counter to tell when it changes
-            and (self.bias is None or self.bias.dtype == torch.float32)
-            and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
-            and _ONEDNN_LINEAR_AVAILABLE
-        )
-
-    def _packed_weight(self, input: torch.Tensor):
-        weight = self.weight
-        key = (weight.data_ptr(), weight._version)
-        cached = PackedLinear._packed.get(self)
-        if cached is not None and cached[:2] == key:
-            return cached[2]
-        try:
-            # the row count of the first call tunes the packed layout; any row count gives the same result
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(1, input.numel() // input.shape[-1]))
-        except RuntimeError:
-            packed = None  # a oneDNN build without this kernel: keep nn.Linear's path for this weight
-        PackedLinear._packed[self] = (*key, packed)
-        return packed
-
-
-def pack_linear_layers(module: nn.Module) -> nn.Module:
-    """Turn every plain `nn.Linear` inside `module` into a `PackedLinear`, in place (parameters and keys unchanged)."""
-    for child in module.modules():
-        if type(child) is nn.Linear:
-            child.__class__ = PackedLinear
-    return module
-
-
-_ONEDNN_LINEAR_AVAILABLE = (
-    torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-)
-
-
 def _check_model_type(source, model_type: str):
     """A local folder of another model type fails here, instead of loading as a randomly initialised model."""
     config_file = Path(str(source)).expanduser() / "config.json"
@@ -467,8 +388,14 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         self.depth_loss = DepthLoss(config)
         self.post_init()
         self.apply_trainable_mask()
-        if config.pack_weights_for_cpu_inference:
-            pack_linear_layers(self)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and self._auto_class is not None:
+            # the richer depth-estimation pipeline travels with the code: config.json names it (`custom_pipelines`)
+            from .pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
+
+            custom_object_save(MoADepthCLIPDepthEstimationPipeline, save_directory)
 
     @property
     def prompt_embeddings(self) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`PackedLinear`: gradient-free fp32 CPU inference on oneDNN-packed weights, equal to `nn.Linear` up to rounding."""
+"""`PackedLinear`: gradient-free fp32 CPU inference on oneDNN-packed weights, installed like an adapter."""
 
 import copy
 import pickle
@@ -7,12 +7,19 @@ import pytest
 import torch
 from torch import nn
 
-from modeling_moa_depthclip.modeling_moa_depthclip import _ONEDNN_LINEAR_AVAILABLE, PackedLinear
+from modeling_moa_depthclip import packed_linear
+from modeling_moa_depthclip.packed_linear import (
+    PackedLinear,
+    is_packed,
+    onednn_linear_available,
+    pack_linear_layers,
+    unpack_linear_layers,
+)
 
 from tiny_models import tiny_model
 
 
-needs_onednn = pytest.mark.skipif(not _ONEDNN_LINEAR_AVAILABLE, reason="this torch build has no oneDNN linear kernel")
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="this torch build has no oneDNN linear kernel")
 
 
 def linear_modules(model):
@@ -20,7 +27,8 @@ def linear_modules(model):
 
 
 def packed_count(model):
-    return sum(module in PackedLinear._packed for module in linear_modules(model))
+    return sum(module in PackedLinear._packed and PackedLinear._packed[module][2] is not None
+               for module in linear_modules(model))
 
 
 def pixels(batch=2, seed=1):
@@ -28,23 +36,47 @@ def pixels(batch=2, seed=1):
 
 
 def pair():
-    """The same weights twice: packed (the default) and plain `nn.Linear`."""
-    packed = tiny_model()
+    """The same weights twice: packed and plain `nn.Linear`."""
+    plain = tiny_model()
     with torch.no_grad():  # fresh linears have zero biases, which would hide a kernel that dropped them
-        for module in linear_modules(packed):
+        for module in linear_modules(plain):
             if module.bias is not None:
                 module.bias.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(module.bias.numel()))
-    plain = tiny_model(pack_weights_for_cpu_inference=False)
-    plain.load_state_dict(packed.state_dict())
+    packed = copy.deepcopy(plain)
+    pack_linear_layers(packed)
     return packed, plain
 
 
-def test_every_linear_is_packed_by_default_and_none_when_disabled():
-    packed, plain = pair()
-    assert all(type(module) is PackedLinear for module in linear_modules(packed))
-    assert all(type(module) is nn.Linear for module in linear_modules(plain))
-    # keys and values are those of nn.Linear: checkpoints move freely between the two
-    assert packed.state_dict().keys() == plain.state_dict().keys()
+def test_a_fresh_model_is_plain_and_nothing_is_saved_about_packing(tmp_path):
+    model = tiny_model()
+    assert not is_packed(model)
+    model.save_pretrained(tmp_path)
+    assert "pack" not in (tmp_path / "config.json").read_text()
+
+
+@needs_onednn
+def test_packing_wraps_the_same_parameters_and_keeps_keys_and_hooks():
+    model = tiny_model()
+    fc1 = model.vision_model.encoder.layers[0].mlp.fc1
+    calls = []
+    fc1.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    parameters = dict(model.named_parameters())
+    state = model.state_dict()
+    count = pack_linear_layers(model)
+    assert count == len(linear_modules(model)) > 0
+    assert all(type(module) is PackedLinear for module in linear_modules(model))
+    packed_parameters = dict(model.named_parameters())
+    assert packed_parameters.keys() == parameters.keys()
+    assert all(packed_parameters[name] is parameter for name, parameter in parameters.items())  # shared, not copied
+    assert [p.requires_grad for p in packed_parameters.values()] == [p.requires_grad for p in parameters.values()]
+    assert model.state_dict().keys() == state.keys()
+    with torch.no_grad():
+        model(pixel_values=pixels())
+    assert len(calls) == 1  # a hook on the wrapped layer still runs
+    assert unpack_linear_layers(model) == count
+    assert model.vision_model.encoder.layers[0].mlp.fc1 is fc1 and fc1.weight is parameters[
+        "vision_model.encoder.layers.0.mlp.fc1.weight"]
+    assert not is_packed(model)
 
 
 @needs_onednn
@@ -55,7 +87,6 @@ def test_inference_runs_the_packed_kernel_and_matches_nn_linear():
         expected = plain(pixel_values=x).predicted_depth
         got = packed(pixel_values=x).predicted_depth
     assert packed_count(packed) == len(linear_modules(packed))
-    assert packed_count(plain) == 0
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # a batch size other than the one the weights were packed for
     with torch.no_grad():
@@ -77,7 +108,7 @@ def test_a_changed_weight_is_repacked():
         torch.testing.assert_close(after, plain(pixel_values=x).predicted_depth, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(before, after, atol=1e-4)
 
-        other = tiny_model(seed=7, pack_weights_for_cpu_inference=False)
+        other = tiny_model(seed=7)
         packed.load_state_dict(other.state_dict())
         torch.testing.assert_close(
             packed(pixel_values=x).predicted_depth, other(pixel_values=x).predicted_depth, rtol=1e-5, atol=1e-5
@@ -121,6 +152,8 @@ def test_bf16_and_dtype_changes_fall_back_and_free_the_packed_copies():
         assert packed_count(packed) == 0
         depth = packed(pixel_values=pixels().to(torch.bfloat16)).predicted_depth
     assert torch.isfinite(depth).all() and packed_count(packed) == 0
+    unpack_linear_layers(packed)  # the restored layers hold the converted weights
+    assert all(m.weight.dtype == torch.bfloat16 for m in linear_modules(packed))
 
 
 @needs_onednn
@@ -146,15 +179,53 @@ def test_a_packed_model_can_be_copied_and_pickled():
         for model in (clone, restored):
             assert all(type(module) is PackedLinear for module in linear_modules(model))
             torch.testing.assert_close(model(pixel_values=x).predicted_depth, expected, rtol=1e-5, atol=1e-5)
+            # the copy's wrappers share the copy's parameters, not the original's
+            fc1 = model.vision_model.encoder.layers[0].mlp.fc1
+            assert fc1.base_layer.weight is fc1.weight
+            assert fc1.weight is not packed.vision_model.encoder.layers[0].mlp.fc1.weight
 
 
-def test_from_pretrained_can_turn_packing_off(tmp_path):
+def test_without_the_private_ops_nothing_is_installed_and_packed_layers_fall_back(monkeypatch):
+    model = tiny_model()
+    installed = copy.deepcopy(model)
+    pack_linear_layers(installed)  # installed where the ops exist; a no-op otherwise
+    monkeypatch.setattr(packed_linear, "ONEDNN_LINEAR_OPS", None)
+    assert not onednn_linear_available()
+    bare = copy.deepcopy(model)
+    assert pack_linear_layers(bare) == 0 and not is_packed(bare)
+    x = pixels()
+    with torch.no_grad():
+        expected = model(pixel_values=x).predicted_depth
+        torch.testing.assert_close(installed(pixel_values=x).predicted_depth, expected, rtol=0, atol=0)
+    assert packed_count(installed) == 0
+
+
+def test_a_kernel_that_refuses_a_weight_leaves_that_layer_on_f_linear(monkeypatch):
+    def refuse(weight, rows):
+        raise RuntimeError("no kernel for this layout")
+
+    def fail_if_called(*args):
+        raise AssertionError("the packed kernel ran without a packed weight")
+
+    monkeypatch.setattr(packed_linear, "ONEDNN_LINEAR_OPS", (refuse, fail_if_called))
+    model = tiny_model()
+    packed = copy.deepcopy(model)
+    assert pack_linear_layers(packed) == len(linear_modules(packed))
+    x = pixels()
+    with torch.no_grad():
+        torch.testing.assert_close(packed(pixel_values=x).predicted_depth, model(pixel_values=x).predicted_depth,
+                                   rtol=0, atol=0)
+    assert all(PackedLinear._packed[m][2] is None for m in linear_modules(packed))
+
+
+def test_old_configs_with_the_packing_switch_still_load(tmp_path):
+    import json
+
     from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
 
     tiny_model().save_pretrained(tmp_path)
-    assert all(
-        type(m) is PackedLinear for m in linear_modules(MoADepthCLIPForDepthEstimation.from_pretrained(tmp_path))
-    )
-    plain = MoADepthCLIPForDepthEstimation.from_pretrained(tmp_path, pack_weights_for_cpu_inference=False)
-    assert plain.config.pack_weights_for_cpu_inference is False
-    assert all(type(m) is nn.Linear for m in linear_modules(plain))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["pack_weights_for_cpu_inference"] = True  # as 0.1.0 saved every model
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = MoADepthCLIPForDepthEstimation.from_pretrained(tmp_path)
+    assert not is_packed(model) and not hasattr(model.config, "pack_weights_for_cpu_inference")

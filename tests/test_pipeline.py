@@ -90,11 +90,63 @@ def test_saved_folder_carries_its_code(checkpoint):
     files = {p.name for p in checkpoint.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
     assert {"configuration_moa_depthclip.py", "modeling_moa_depthclip.py", "losses.py",
-            "image_processing_moa_depthclip.py"} <= files
+            "image_processing_moa_depthclip.py", "pipeline_moa_depthclip.py", "visualization.py",
+            "packed_linear.py"} <= files
     import json
 
-    auto_map = json.loads((checkpoint / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModelForDepthEstimation"] == "modeling_moa_depthclip.MoADepthCLIPForDepthEstimation"
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForDepthEstimation"] == "modeling_moa_depthclip.MoADepthCLIPForDepthEstimation"
+    impl = config["custom_pipelines"]["depth-estimation"]["impl"]
+    assert impl == "pipeline_moa_depthclip.MoADepthCLIPDepthEstimationPipeline"
+    assert "pack_weights_for_cpu_inference" not in config  # no machine-specific switch in a saved model
+
+
+def test_importing_the_package_leaves_other_depth_models_on_the_stock_pipeline(tmp_path, nyu_sample_dir):
+    from transformers import DPTConfig, DPTForDepthEstimation
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    config = DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, image_size=32, patch_size=16,
+        neck_hidden_sizes=[16, 16, 16, 16], fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3],
+        reassemble_factors=[4, 2, 1, 0.5], head_hidden_size=8,
+    )
+    DPTForDepthEstimation(config).save_pretrained(tmp_path)
+    DPTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    depth_estimator = pipeline("depth-estimation", model=str(tmp_path))
+    assert type(depth_estimator) is DepthEstimationPipeline
+    result = depth_estimator(Image.open(nyu_sample_dir / "00000_colors.png"))
+    assert sorted(result) == ["depth", "predicted_depth"]  # the stock outputs, nothing added
+    assert not any(type(m).__module__.startswith("modeling_moa_depthclip") for m in depth_estimator.model.modules())
+
+
+def test_the_package_config_does_not_claim_a_remote_code_pipeline(checkpoint):
+    # config.json names the pipeline for remote-code users; with the package imported, a custom task would make
+    # transformers demand trust_remote_code=True for the registered pipeline
+    from transformers import AutoConfig
+
+    from modeling_moa_depthclip import MoADepthCLIPConfig
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    assert type(config) is MoADepthCLIPConfig
+    assert getattr(config, "custom_pipelines", {}) == {}
+    assert "custom_pipelines" in config.to_dict()
+
+
+def test_pipeline_packs_linear_weights_on_cpu_unless_asked_not_to(checkpoint):
+    from modeling_moa_depthclip import PackedLinear
+    from modeling_moa_depthclip.packed_linear import onednn_linear_available
+
+    default = pipeline("depth-estimation", model=str(checkpoint))
+    plain = pipeline("depth-estimation", model=str(checkpoint), pack_linear_weights=False)
+    bf16 = pipeline("depth-estimation", model=str(checkpoint), dtype=torch.bfloat16)
+    packed_layers = sum(isinstance(m, PackedLinear) for m in default.model.modules())
+    assert packed_layers == (len([m for m in plain.model.modules() if isinstance(m, torch.nn.Linear)])
+                             if onednn_linear_available() else 0)
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    assert not any(isinstance(m, PackedLinear) for m in bf16.model.modules())
+    image = Image.new("RGB", (96, 64), (40, 90, 200))
+    np.testing.assert_allclose(default(image)["metric_depth"], plain(image)["metric_depth"], rtol=1e-5, atol=1e-5)
+    assert default.model.state_dict().keys() == plain.model.state_dict().keys()
 
 
 def test_trust_remote_code_in_a_fresh_process_without_the_package(checkpoint, nyu_sample_dir, tmp_path):
@@ -113,8 +165,11 @@ def test_trust_remote_code_in_a_fresh_process_without_the_package(checkpoint, ny
         assert type(model).__name__ == "MoADepthCLIPForDepthEstimation", type(model)
         assert "transformers_modules" in type(model).__module__
         depth_estimator = pipeline("depth-estimation", model={str(checkpoint)!r}, trust_remote_code=True)
+        assert type(depth_estimator).__name__ == "MoADepthCLIPDepthEstimationPipeline", type(depth_estimator)
+        assert "transformers_modules" in type(depth_estimator).__module__
         result = depth_estimator({str(nyu_sample_dir / "00000_colors.png")!r})
-        torch.save(result["predicted_depth"], {str(tmp_path / "remote.pt")!r})
+        assert result["colored_depth"].mode == "RGB" and result["colored_depth"].size == (640, 480)
+        torch.save(torch.from_numpy(result["metric_depth"]), {str(tmp_path / "remote.pt")!r})
         """
     )
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
@@ -123,4 +178,4 @@ def test_trust_remote_code_in_a_fresh_process_without_the_package(checkpoint, ny
     remote = torch.load(tmp_path / "remote.pt", weights_only=True)
     local = pipeline("depth-estimation", model=str(checkpoint))(str(nyu_sample_dir / "00000_colors.png"))
     assert remote.shape == (480, 640)
-    assert torch.allclose(remote, local["predicted_depth"], atol=1e-6)
+    assert torch.allclose(remote, local["predicted_depth"], atol=1e-5)
