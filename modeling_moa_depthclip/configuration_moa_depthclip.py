@@ -106,6 +106,21 @@ class MoADepthCLIPConfig(PreTrainedConfig):
 
     model_type = "moa_depthclip"
     sub_configs = {"vision_config": CLIPVisionConfig}
+    # Trainer.evaluate/predict keep only `predicted_depth` (what depth metrics need) of the model's outputs: the
+    # per-bin logits alone would be num_depth_bins floats per output pixel
+    keys_to_ignore_at_inference = [
+        "hidden_states",
+        "attentions",
+        "classification_depth",
+        "regression_depth",
+        "fusion_weight",
+        "bin_logits",
+        "router_probs",
+        "prompt_probs",
+        "router_aux_loss",
+        "loss_components",
+        "valid_label_mask",
+    ]
 
     def __init__(
         self,

@@ -353,6 +353,10 @@ class MoADepthCLIPPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["CLIPEncoderLayer", "MixtureOfAdapters"]
+    # The loss is a mean over each image's valid pixels with non-linear terms (SILog, SSIM), not a sum over items
+    # that a count could normalise: Trainer must divide it by the accumulation steps itself rather than hand the
+    # model `num_items_in_batch` (which it does for models that claim loss kwargs, e.g. through `**kwargs`).
+    accepts_loss_kwargs = False
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -455,7 +459,6 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> MoADepthCLIPDepthEstimatorOutput | tuple:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
