@@ -340,6 +340,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: give --model PATH_OR_HUB_ID (a saved MoA-DepthCLIP) or set ${MODEL_ENV}; the "
                          "training run writes outputs/train/best")  # fmt: skip
     depth_pipeline = load_depth_pipeline(args.model, args.device)
+    # the first call packs the weights and sets up the kernels (seconds on a CPU): pay it before the first visitor
+    size = depth_pipeline.image_processor.size
+    depth_pipeline(Image.new("RGB", (size["width"], size["height"])))
     demo = DepthDemo(depth_pipeline, args.model, find_nyu_sample()).build()
     serve(demo, args.host, args.port, max_queue=args.max_queue)
 
