@@ -177,21 +177,12 @@ def collect_images(sources, limit: int) -> list[Path]:
 
 
 def load_model_and_processor(folder):
-    import modeling_moa_depthclip  # noqa: F401  (registers the model with the auto classes)
-    from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, MoADepthCLIPImageProcessor
+    from modeling_moa_depthclip.evaluation import ModelLoadError, load_model_and_processor as load
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ExportError(f"model folder {folder} does not exist")
-    if not (folder / "config.json").is_file():
-        raise ExportError(f"model folder {folder} has no config.json: not a saved model")
-    model = MoADepthCLIPForDepthEstimation.from_pretrained(folder).eval()
-    if (folder / "preprocessor_config.json").is_file():
-        processor = MoADepthCLIPImageProcessor.from_pretrained(folder)
-    else:
-        print(f"note: {folder} has no preprocessor_config.json; using the default image processor settings")
-        processor = MoADepthCLIPImageProcessor()
-    return model, processor
+    try:
+        return load(folder)
+    except ModelLoadError as error:
+        raise ExportError(str(error)) from None
 
 
 def main(argv=None) -> int:

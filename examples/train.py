@@ -43,6 +43,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
 
 # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a small CPU machine shared with
@@ -52,9 +53,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors import SafetensorError  # noqa: E402
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Sampler
+from accelerate.utils import set_seed  # noqa: E402
+from torch.utils.data import DataLoader, Sampler  # noqa: E402
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
@@ -62,20 +62,6 @@ REPO_ROOT = EXAMPLES_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(1, str(REPO_ROOT))
 
-
-def _load_evaluate_module():
-    """examples/evaluate.py, imported by path under a unique name (the Hub's `evaluate` package may be installed)."""
-    name = "moa_depthclip_examples_evaluate"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES_DIR / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-moa_eval = _load_evaluate_module()
 
 from modeling_moa_depthclip import (  # noqa: E402
     MoADepthCLIPConfig,
@@ -108,6 +94,20 @@ from modeling_moa_depthclip.data import (  # noqa: E402
     TrainingExamples,
     classify_source,
 )
+from modeling_moa_depthclip.evaluation import (  # noqa: E402
+    AVERAGING,
+    ModelLoadError,
+    dataset_label,
+    default_nyu_sample_dir,
+    evaluate,
+    load_config,
+    load_dataset_or_error,
+    load_model_and_processor,
+    write_evaluation_outputs,
+)
+from modeling_moa_depthclip.metrics import format_metrics_markdown  # noqa: E402
+from modeling_moa_depthclip.optimization import create_lr_scheduler, default_warmup_steps, parameter_groups  # noqa: E402
+from modeling_moa_depthclip.visualization import plot_loss_curve  # noqa: E402
 
 
 logger = logging.getLogger("moa_depthclip.train")
@@ -132,6 +132,16 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
@@ -182,12 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="final evaluation after training, each 'SOURCE' or 'SOURCE:SPLIT'; default: the training dataset's "
         "test split and the shared NYU frames (../shared/data/nyu_eigen_test_sample) if present; 'none' skips it",
     )
-    data.add_argument("--max_train_samples", type=moa_eval._positive_int, default=None,
+    data.add_argument("--max_train_samples", type=_positive_int, default=None,
                       help="use the first N training examples (synthetic: N scenes; default 200)")
-    data.add_argument("--max_eval_samples", type=moa_eval._positive_int, default=None,
+    data.add_argument("--max_eval_samples", type=_positive_int, default=None,
                       help="use the first N eval examples (synthetic default 24)")
     data.add_argument(
-        "--input_size", type=moa_eval._positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
+        "--input_size", type=_positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
         help="model input size (multiples of the patch size); default: the checkpoint's image processor, or "
         "image_size x image_size of the config (224x224 for ViT-B/32)",
     )
@@ -197,15 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
         "of resizing it to the input size with nearest neighbour",
     )
     data.add_argument(
-        "--synthetic_size", type=moa_eval._positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=(240, 320),
+        "--synthetic_size", type=_positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=(240, 320),
         help="render size of synthetic training/validation scenes (the synthetic test split is rendered at 480x640)",
     )
     data.add_argument("--no_augmentation", action="store_true", help="train without DepthAugmentation")
     data.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0)
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--per_device_train_batch_size", type=moa_eval._positive_int, default=8)
-    optim.add_argument("--per_device_eval_batch_size", type=moa_eval._positive_int, default=8)
+    optim.add_argument("--per_device_train_batch_size", type=_positive_int, default=8)
+    optim.add_argument("--per_device_eval_batch_size", type=_positive_int, default=8)
     optim.add_argument("--learning_rate", type=_positive_float, default=1e-4,
                        help="MoA, semantic context, decoder and head")
     optim.add_argument("--backbone_learning_rate", type=_positive_float, default=1e-5,
@@ -213,11 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     optim.add_argument(
-        "--max_train_steps", type=moa_eval._positive_int, default=None,
+        "--max_train_steps", type=_positive_int, default=None,
         help=f"optimizer steps; overrides --num_train_epochs; default {DEFAULT_MAX_TRAIN_STEPS} when neither is given",
     )
-    optim.add_argument("--num_train_epochs", type=moa_eval._positive_int, default=None)
-    optim.add_argument("--gradient_accumulation_steps", type=moa_eval._positive_int, default=1)
+    optim.add_argument("--num_train_epochs", type=_positive_int, default=None)
+    optim.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
     optim.add_argument(
         "--lr_scheduler_type", default="cosine",
         choices=["cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial"],
@@ -247,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="'latest' (the newest complete one in output_dir/checkpoints; incomplete ones are skipped "
                      "with a warning) or a step_N folder")
     run.add_argument(
-        "--stop_after_steps", type=moa_eval._positive_int, default=None,
+        "--stop_after_steps", type=_positive_int, default=None,
         help="end this run after this many steps (counted from the start of training), saving a checkpoint and "
         "skipping the final evaluation: for time-boxed jobs; the schedule still follows --max_train_steps",
     )
@@ -269,7 +279,7 @@ def parse_test_datasets(values: Sequence[str] | None, args) -> list[tuple[str, s
         return []
     if values is None:
         specs = [(args.dataset, "test")]
-        nyu = moa_eval.default_nyu_sample_dir()
+        nyu = default_nyu_sample_dir()
         if nyu is not None and _same_path(args.dataset, nyu) is False:
             specs.append((str(nyu), "test"))
         return specs
@@ -312,19 +322,33 @@ def build_config(config_name: str) -> MoADepthCLIPConfig:
         raise ValueError(f"config file {path}: {error}") from None
 
 
-def load_or_build_model(args, parser):
-    """(model, image_processor, description) from --model, or from --config_name (+ a local CLIP if available)."""
+def fail(parser, message: str):
+    """One line on stderr, exit status 2 (argparse's usage block would bury a loading error)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def model_config(args, parser) -> MoADepthCLIPConfig:
+    """The config of the model to train (--model's, else --config_name's): the depth range of the data comes from it."""
     if args.model is not None:
         try:
-            model, image_processor = moa_eval.load_model_and_processor(args.model)
-        except (ValueError, SafetensorError) as error:
-            parser.error(f"--model: {error}")
+            return load_config(args.model)
+        except ModelLoadError as error:
+            fail(parser, f"--model: {error}")
+    try:
+        return build_config(args.config_name)
+    except ValueError as error:
+        fail(parser, f"--config_name: {error}")
+
+
+def load_or_build_model(args, parser, config: MoADepthCLIPConfig):
+    """(model, image_processor, description) from --model, or from `config` (+ a local CLIP if available)."""
+    if args.model is not None:
+        try:
+            model, image_processor = load_model_and_processor(args.model)
+        except ModelLoadError as error:
+            fail(parser, f"--model: {error}")
         model.apply_trainable_mask()
         return model, image_processor, f"checkpoint {args.model}"
-    try:
-        config = build_config(args.config_name)
-    except ValueError as error:
-        parser.error(f"--config_name: {error}")
     model = MoADepthCLIPForDepthEstimation(config)
     size = config.vision_config.image_size
     image_processor = MoADepthCLIPImageProcessor(
@@ -350,32 +374,6 @@ def load_or_build_model(args, parser):
         args.clip_model, args.config_name,
     )
     return model, image_processor, f"config {args.config_name} (random CLIP backbone)"
-
-
-def parameter_groups(model, learning_rate: float, backbone_learning_rate: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: {head, backbone} x {decay, no decay}; trainable parameters only, empty groups dropped.
-
-    `head` = everything outside `vision_model.` (MoA, semantic context, decoder, head) at `learning_rate`;
-    `backbone` = the unfrozen CLIP blocks at `backbone_learning_rate`. Biases and norm weights (any parameter with
-    fewer than 2 dimensions or named `*bias`) get no weight decay.
-    """
-    groups = {}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        part = "backbone" if name.startswith("vision_model.") else "head"
-        decay = parameter.ndim >= 2 and not name.endswith("bias") and "norm" not in name.lower()
-        key = (part, decay)
-        if key not in groups:
-            groups[key] = {
-                "params": [],
-                "lr": backbone_learning_rate if part == "backbone" else learning_rate,
-                "weight_decay": weight_decay if decay else 0.0,
-                "name": f"{part}{'' if decay else '_no_decay'}",
-            }
-        groups[key]["params"].append(parameter)
-    order = [("head", True), ("head", False), ("backbone", True), ("backbone", False)]
-    return [groups[key] for key in order if key in groups]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -482,102 +480,59 @@ def resume_command(argv: Sequence[str] | None) -> str:
     return shlex.join([*launcher, os.path.relpath(__file__), *kept, "--resume_from_checkpoint", "latest"])
 
 
-def plot_loss_curve(progress: TrainingProgress, path: Path, metric: str) -> Path | None:
-    if not progress.loss_history:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.array([row[0] for row in progress.loss_history])
-    losses = np.array([row[1] for row in progress.loss_history])
-    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, label="training loss")
-    window = max(1, min(20, len(losses) // 10))
-    if window > 1:
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"training loss ({window}-step mean)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("composite loss")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if progress.eval_history:
-        twin = ax.twinx()
-        twin.plot([e["step"] for e in progress.eval_history], [e[metric] for e in progress.eval_history],
-                  "o-", color="tab:red", label=f"eval {metric}")
-        twin.set_ylabel(f"eval {metric}", color="tab:red")
-        more_handles, more_labels = twin.get_legend_handles_labels()
-        handles, labels = handles + more_handles, labels + more_labels
-    ax.legend(handles, labels, loc="upper right")
-    ax.set_title("MoA-DepthCLIP training")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------
-# Main
+# The steps of a run
 # ------------------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Train; exits 1 on divergence, 128 + signal number after SIGINT/SIGTERM (with a checkpoint), 2 on bad input."""
-    try:
-        with contextlib.ExitStack() as cleanup:  # lock, signal handlers, progress bar: released before the message
-            return train(argv, cleanup)
-    except NonFiniteTrainingError as error:
-        print(f"{Path(__file__).name}: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def train(argv: Sequence[str] | None, cleanup: contextlib.ExitStack) -> dict:
-    parser = build_parser()
+def parse_args(parser, argv: Sequence[str] | None):
     args = parser.parse_args(argv)
-    total_start = time.perf_counter()
     if args.max_train_steps is None and args.num_train_epochs is None:
         args.max_train_steps = DEFAULT_MAX_TRAIN_STEPS
     if args.config_name not in CONFIG_NAMES and not os.path.isfile(os.path.expanduser(args.config_name)):
         parser.error(f"--config_name {args.config_name}: expected one of {list(CONFIG_NAMES)} or a config JSON file")
-    if args.model is not None and moa_eval.is_local_path(args.model) and not os.path.isdir(os.path.expanduser(args.model)):
-        parser.error(f"--model {args.model}: no such folder")
     if args.stop_after_steps is not None and args.max_train_steps is not None and args.stop_after_steps >= args.max_train_steps:
         parser.error("--stop_after_steps must be smaller than --max_train_steps")
-    output_dir = check_output_dir(args, parser)
-    resume_path = resolve_resume(args, parser, output_dir)
+    return args
 
-    # Data first: a missing folder or an empty dataset fails here, before anything is built.
-    load_kwargs = dict(synthetic_size=tuple(args.synthetic_size), seed=args.seed)
+
+def load_data(args, parser, config: MoADepthCLIPConfig) -> SimpleNamespace:
+    """Training set, periodic evaluation set and the final test datasets, depth in the model's range."""
+    load_kwargs = dict(synthetic_size=tuple(args.synthetic_size), seed=args.seed, min_depth=config.min_depth,
+                       max_depth=config.max_depth)
     try:
-        train_base = moa_eval.load_dataset_or_error(
-            args.dataset, args.train_split, num_samples=args.max_train_samples, **load_kwargs
-        )
+        train = load_dataset_or_error(args.dataset, args.train_split, num_samples=args.max_train_samples, **load_kwargs)
     except ValueError as error:
         parser.error(f"--dataset: {error}")
-    if not hasattr(train_base, "__len__"):
+    if not hasattr(train, "__len__"):
         parser.error(f"--dataset {args.dataset}: training needs a map-style dataset (not streaming)")
-    eval_base, eval_split = None, None
+    eval_set, eval_split = None, None
     for split in resolve_eval_split(args.dataset, args.eval_split):
         try:
-            eval_base = moa_eval.load_dataset_or_error(args.dataset, split, num_samples=args.max_eval_samples, **load_kwargs)
+            eval_set = load_dataset_or_error(args.dataset, split, num_samples=args.max_eval_samples, **load_kwargs)
             eval_split = split
             break
         except ValueError as error:
             if args.eval_split is not None:
                 parser.error(f"--eval_split: {error}")
+    if eval_set is not None and args.dataset == "synthetic":
+        # rendered scenes are cached (rendering is the slow part); file datasets are read at each evaluation
+        eval_set = [eval_set[i] for i in range(len(eval_set))]
     test_specs = parse_test_datasets(args.test_datasets, args)
-    for source, split in test_specs:  # check now, load after training
+    for source, _ in test_specs:  # checked now, loaded after training
         try:
             missing = classify_source(source) is SourceKind.MISSING
         except ValueError as error:
             parser.error(f"--test_datasets: {error}")
         if missing:
             parser.error(f"--test_datasets: dataset folder or file not found: {source}")
+    return SimpleNamespace(train=train, eval=eval_set, eval_split=eval_split, test_specs=test_specs)
 
+
+def setup_accelerator(args, parser, output_dir: Path):
+    """The Accelerator (TensorBoard when installed) and the logging of every process."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+    from accelerate.utils import ProjectConfiguration
 
     log_with = None
     if args.report_to == "tensorboard":
@@ -602,32 +557,43 @@ def train(argv: Sequence[str] | None, cleanup: contextlib.ExitStack) -> dict:
     transformers.utils.logging.set_verbosity_warning() if accelerator.is_main_process else transformers.utils.logging.set_verbosity_error()
     if args.report_to == "tensorboard" and log_with is None:
         logger.info("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+    return accelerator
 
-    set_seed(args.seed)
-    model, image_processor, model_description = load_or_build_model(args, parser)
+
+def set_input_size(args, parser, model, image_processor) -> tuple[int, int]:
+    """The model's input size (--input_size, else the image processor's), stored in the processor that is saved."""
     patch = model.config.vision_config.patch_size
     if args.input_size is not None:
         input_size = tuple(args.input_size)
     else:
-        input_size = tuple(moa_eval._processor_size(image_processor) or (model.config.vision_config.image_size,) * 2)
+        input_size = (int(image_processor.size["height"]), int(image_processor.size["width"]))
     if input_size[0] % patch or input_size[1] % patch:
         parser.error(f"--input_size {input_size[0]} {input_size[1]}: both sides must be multiples of the patch size {patch}")
     image_processor.size = {"height": int(input_size[0]), "width": int(input_size[1])}
     image_processor.size_divisor = patch
-    if args.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        logger.info("gradient checkpointing on: CLIP blocks are recomputed in the backward pass")
-    # without a single valid depth pixel every loss term is 0: nothing would be learnt, yet a model would be saved
-    if first_example_with_valid_depth(train_base, model.depth_loss.valid_mask) is None:
+    return input_size
+
+
+def enable_gradient_checkpointing(model):
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    logger.info("gradient checkpointing on: CLIP blocks are recomputed in the backward pass")
+
+
+def require_valid_depth(args, parser, train_set, model):
+    """Without a single valid depth pixel every loss term is 0: nothing would be learnt, yet a model would be saved."""
+    if first_example_with_valid_depth(train_set, model.depth_loss.valid_mask) is None:
         parser.error(
-            f"--dataset {args.dataset}: none of the {len(train_base)} training examples has a valid depth pixel "
+            f"--dataset {args.dataset}: none of the {len(train_set)} training examples has a valid depth pixel "
             f"(finite, in ({model.config.min_depth:g}, {model.config.max_depth:g}] m, the model's depth range)"
         )
 
-    # Output folder: one run at a time; mark it as ours (--overwrite_output_dir: drop what an earlier run left)
+
+def take_output_dir(args, parser, accelerator, output_dir: Path, resume_path: Path | None, cleanup):
+    """One run at a time in the folder (a lock), marked as ours; SIGINT/SIGTERM from here on end the run with a
+    checkpoint. Returns the interrupt handler."""
     try:
         lock = start_run(accelerator, output_dir, resume_path, args.overwrite_output_dir)
     except OutputDirInUseError as error:
@@ -638,93 +604,106 @@ def train(argv: Sequence[str] | None, cleanup: contextlib.ExitStack) -> dict:
     if accelerator.is_main_process:
         (output_dir / RUN_MARKER).write_text(json.dumps({"script": SCRIPT_ID, **vars(args)}, indent=2, default=str) + "\n")
     accelerator.wait_for_everyone()
+    return interrupt
 
+
+def train_dataloader_for(args, train_set, image_processor, input_size) -> DataLoader:
     augmentation = None if args.no_augmentation else DepthAugmentation(output_size=None)
-    train_dataset = TrainingExamples(train_base, augmentation, args.seed, cache=args.dataset == "synthetic")
-    collator = DepthCollator(image_processor, input_size, args.labels_at_native_resolution)
-    sampler = EpochShuffleSampler(len(train_dataset), args.seed)
-    train_dataloader = DataLoader(
-        train_dataset, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator,
+    train_dataset = TrainingExamples(train_set, augmentation, args.seed, cache=args.dataset == "synthetic")
+    return DataLoader(
+        train_dataset, batch_size=args.per_device_train_batch_size,
+        sampler=EpochShuffleSampler(len(train_dataset), args.seed),
+        collate_fn=DepthCollator(image_processor, input_size, args.labels_at_native_resolution),
         num_workers=args.dataloader_num_workers,
     )
-    eval_examples = None
-    if eval_base is not None:
-        # rendered scenes are cached (rendering is the slow part); file datasets are read at each evaluation
-        eval_examples = [eval_base[i] for i in range(len(eval_base))] if args.dataset == "synthetic" else eval_base
 
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, args.learning_rate, args.backbone_learning_rate, args.weight_decay),
-        lr=args.learning_rate,
-    )
-    group_names = [group["name"] for group in optimizer.param_groups]
 
-    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+def plan_steps(args, parser, batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, warm-up steps); fills in --max_train_steps from --num_train_epochs."""
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     if args.stop_after_steps is not None and args.stop_after_steps >= args.max_train_steps:
         parser.error("--stop_after_steps must be smaller than the number of training steps")
-    num_warmup_steps = args.num_warmup_steps if args.num_warmup_steps is not None else round(0.05 * args.max_train_steps)
-    # accelerate steps a prepared scheduler once per process per optimizer step
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler_type, optimizer=optimizer,
-        num_warmup_steps=num_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
-    )
-    lr_scheduler = accelerator.prepare(lr_scheduler)
-    progress = TrainingProgress()
+    num_warmup_steps = args.num_warmup_steps if args.num_warmup_steps is not None else default_warmup_steps(args.max_train_steps)
+    return steps_per_epoch, num_warmup_steps
 
-    if log_with is not None:
+
+def start_trackers(args, accelerator):
+    if accelerator.log_with:
         hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
         accelerator.init_trackers("moa_depthclip", config=hparams)
 
-    unwrapped = accelerator.unwrap_model(model)
-    num_trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    num_total = sum(p.numel() for p in unwrapped.parameters())
-    if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        progress.load(resume_path)
-        logger.info(f"resumed from {resume_path} at step {progress.global_step}")
+
+def log_setup(args, accelerator, model, description, data, input_size, steps_per_epoch, num_warmup_steps):
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    num_total = sum(p.numel() for p in model.parameters())
     logger.info(
-        f"model: {model_description}; {num_trainable:,} trainable of {num_total:,} parameters; input {input_size[0]}x{input_size[1]}"
+        f"model: {description}; {num_trainable:,} trainable of {num_total:,} parameters; input {input_size[0]}x{input_size[1]}; "
+        f"depth range [{model.config.min_depth:g}, {model.config.max_depth:g}] m"
     )
     logger.info(
-        f"data: {args.dataset} ({args.train_split}: {len(train_base)} examples; eval: "
-        f"{f'{eval_split}, {len(eval_base)} examples' if eval_base is not None else 'none'}); "
+        f"data: {args.dataset} ({args.train_split}: {len(data.train)} examples; eval: "
+        f"{f'{data.eval_split}, {len(data.eval)} examples' if data.eval is not None else 'none'}); "
         f"{args.max_train_steps} steps of batch {args.per_device_train_batch_size} x {accelerator.num_processes} "
         f"process(es) x {args.gradient_accumulation_steps} accumulation; {steps_per_epoch} steps per epoch; "
         f"lr {args.learning_rate:g} (head) / {args.backbone_learning_rate:g} (CLIP blocks), warm-up {num_warmup_steps}, "
         f"{args.lr_scheduler_type}; mixed precision {accelerator.mixed_precision}"
     )
 
+
+def step_log(stats: torch.Tensor, loss_names: list[str], moa_layers: list[int], lr_names: list[str], lrs) -> dict:
+    """TensorBoard scalars of one optimizer step from `[loss, loss parts..., router usage...]` averaged over it."""
+    log = {"train/loss": float(stats[0])}
+    log.update({f"train/loss_{name}": float(v) for name, v in zip(loss_names, stats[1:1 + len(loss_names)])})
+    router = stats[1 + len(loss_names):].view(len(moa_layers), -1)
+    for position, layer in enumerate(moa_layers):
+        for expert, value in enumerate(router[position].tolist()):
+            log[f"router/layer{layer}/expert{expert}"] = value
+    log.update({f"lr/{name}": lr for name, lr in zip(lr_names, lrs)})
+    return log
+
+
+def periodic_evaluation(args, accelerator, model, image_processor, data, input_size, progress, output_dir, step):
+    """Evaluate on the eval split and keep the best model in best/; an evaluation that fails costs only itself."""
+    if data.eval is None:
+        return None
     metric = args.metric_for_best_model
-    moa_layers = list(unwrapped.config.moa_layers)
-    trainable_parameters = [p for p in model.parameters() if p.requires_grad]
-
-    def run_periodic_eval(step: int) -> dict | None:
-        if eval_examples is None:
-            return None
-        result = moa_eval.evaluate(
-            accelerator.unwrap_model(model), image_processor, eval_examples, accelerator=accelerator,
+    try:
+        result = evaluate(
+            accelerator.unwrap_model(model), image_processor, data.eval, accelerator=accelerator,
             batch_size=args.per_device_eval_batch_size, crop=args.eval_crop, input_size=input_size,
-            num_visual_samples=0, dataset_name=f"{args.dataset} ({eval_split})", show_progress=False,
+            num_visual_samples=0, dataset_name=f"{args.dataset} ({data.eval_split})", show_progress=False,
         )
-        metrics = result["metrics"]
-        progress.eval_history.append({"step": step, **metrics})
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        improved = math.isfinite(metrics[metric]) and (progress.best_metric is None or metrics[metric] < progress.best_metric)
-        logger.info(
-            f"step {step}: eval {eval_split} abs_rel {metrics['abs_rel']:.4f} rmse {metrics['rmse']:.4f} "
-            f"d1 {metrics['d1']:.4f}" + (" (best so far: saved to best/)" if improved else "")
-        )
-        if improved:
-            progress.best_metric, progress.best_step = float(metrics[metric]), step
-            save_model_folder(accelerator, model, image_processor, output_dir / "best", {
-                "step": step, "eval_split": eval_split, "metric_for_best_model": metric, "eval_metrics": metrics
-            })
-        return metrics
+    except (OSError, ValueError) as error:
+        logger.warning(f"step {step}: evaluation on {data.eval_split} failed, training goes on without it: {error}")
+        return None
+    metrics = result["metrics"]
+    progress.eval_history.append({"step": step, **metrics})
+    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    improved = math.isfinite(metrics[metric]) and (progress.best_metric is None or metrics[metric] < progress.best_metric)
+    logger.info(
+        f"step {step}: eval {data.eval_split} abs_rel {metrics['abs_rel']:.4f} rmse {metrics['rmse']:.4f} "
+        f"d1 {metrics['d1']:.4f}" + (" (best so far: saved to best/)" if improved else "")
+    )
+    if improved:
+        progress.best_metric, progress.best_step = float(metrics[metric]), step
+        save_model_folder(accelerator, model, image_processor, output_dir / "best", {
+            "step": step, "eval_split": data.eval_split, "metric_for_best_model": metric, "eval_metrics": metrics
+        })
+    return metrics
 
+
+def train_loop(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, progress, steps_per_epoch,
+               output_dir: Path, evaluate_at, interrupt, cleanup) -> dict:
+    """From `progress.global_step` to --max_train_steps (or --stop_after_steps, or a signal): logs every optimizer
+    step, calls `evaluate_at(step)` every --eval_steps and after the last, checkpoints every --checkpointing_steps.
+    Returns the seconds spent, and the signal and checkpoint that ended it early, if any."""
+    from tqdm.auto import tqdm
+
+    moa_layers = list(accelerator.unwrap_model(model).config.moa_layers)
+    lr_names = [group["name"] for group in optimizer.param_groups]
+    trainable_parameters = [p for p in model.parameters() if p.requires_grad]
     global_step = progress.global_step
     stop_at = min(args.stop_after_steps or args.max_train_steps, args.max_train_steps)
     epoch = global_step // steps_per_epoch
@@ -785,25 +764,17 @@ def train(argv: Sequence[str] | None, cleanup: contextlib.ExitStack) -> dict:
             ])
             stats = accelerator.reduce(stats, reduction="mean").cpu()
             window = {"loss": [], "components": [], "router": []}
-            names = sorted(components)
             step_loss = float(stats[0])
             progress.loss_history.append([global_step, step_loss])
-            log = {"train/loss": step_loss}
-            log.update({f"train/loss_{name}": float(v) for name, v in zip(names, stats[1:1 + len(names)])})
-            router = stats[1 + len(names):].view(len(moa_layers), -1)
-            for layer_position, layer in enumerate(moa_layers):
-                for expert, value in enumerate(router[layer_position].tolist()):
-                    log[f"router/layer{layer}/expert{expert}"] = value
-            for name, lr in zip(group_names, lr_scheduler.get_last_lr()):
-                log[f"lr/{name}"] = lr
-            accelerator.log(log, step=global_step)
+            accelerator.log(step_log(stats, sorted(components), moa_layers, lr_names, lr_scheduler.get_last_lr()),
+                            step=global_step)
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{step_loss:.4f}", epoch=epoch)
 
             last = global_step >= args.max_train_steps
             if (args.eval_steps and global_step % args.eval_steps == 0) or last:
                 eval_start = time.perf_counter()
-                run_periodic_eval(global_step)
+                evaluate_at(global_step)
                 eval_seconds += time.perf_counter() - eval_start
             stopping = (global_step >= stop_at or signum is not None) and not last
             if (args.checkpointing_steps and global_step % args.checkpointing_steps == 0) or stopping:
@@ -816,128 +787,195 @@ def train(argv: Sequence[str] | None, cleanup: contextlib.ExitStack) -> dict:
         epoch += 1
     progress_bar.close()
     interrupt.restore()  # from here on (final save and evaluation) Ctrl-C acts at once
-    train_seconds = time.perf_counter() - train_start
-    if signum is not None and global_step < args.max_train_steps:
-        if accelerator.is_main_process:
-            print(f"\nStopped by {signal.Signals(signum).name} after step {global_step} (checkpoint {checkpoint}). "
-                  f"Resume with:\n  {resume_command(argv)}", file=sys.stderr)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        raise SystemExit(128 + signum)
-    loss_curve = None
+    return {"train_seconds": time.perf_counter() - train_start, "periodic_eval_seconds": eval_seconds,
+            "signum": signum, "checkpoint": checkpoint}
+
+
+def exit_for_signal(accelerator, signum: int, message: str):
     if accelerator.is_main_process:
-        loss_curve = plot_loss_curve(progress, output_dir / "loss_curve.png", metric)
-    summary = {
-        "global_step": global_step,
-        "output_dir": str(output_dir),
-        "train_seconds": train_seconds,
-        "periodic_eval_seconds": eval_seconds,
-        "loss_history": progress.loss_history,
-        "eval_history": progress.eval_history,
-        "best_step": progress.best_step,
-        "best_metric": progress.best_metric,
-        "skipped_steps": progress.skipped_steps,
+        print(f"\nStopped by {signal.Signals(signum).name} {message}", file=sys.stderr)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    raise SystemExit(128 + signum)
+
+
+def final_evaluation(args, accelerator, model, image_processor, input_size, progress, output_dir: Path, test_specs):
+    """Evaluate best/ (or final/) on every test dataset; eval/<dataset>/ gets its outputs. A dataset that cannot be
+    loaded or scored is skipped with a warning: the trained model is saved already."""
+    best = output_dir / "best"
+    eval_dir = best if args.final_eval_model == "best" and best.is_dir() else output_dir / "final"
+    eval_model = accelerator.unwrap_model(model)
+    if eval_dir == best and progress.best_step != progress.global_step:
+        eval_model, _ = load_model_and_processor(str(eval_dir), device=accelerator.device)
+    results, written, timings = {}, {}, {}
+    for source, split in test_specs:
+        label = dataset_label(source, split)
+        start = time.perf_counter()
+        try:
+            size = (480, 640) if source == "synthetic" else tuple(args.synthetic_size)
+            dataset = load_dataset_or_error(source, split, synthetic_size=size, seed=args.seed,
+                                            min_depth=eval_model.config.min_depth, max_depth=eval_model.config.max_depth)
+            result = evaluate(
+                eval_model, image_processor, dataset, accelerator=accelerator,
+                batch_size=args.per_device_eval_batch_size, crop=args.eval_crop, flip_average=args.flip_average,
+                input_size=input_size, num_visual_samples=args.num_visual_samples,
+                dataset_name=f"{source} ({split})", model_name=str(eval_dir),
+            )
+        except (OSError, ValueError) as error:
+            logger.warning(f"final evaluation skipped for {source}: {error}")
+            continue
+        results[label] = result
+        timings[label] = time.perf_counter() - start
+        if accelerator.is_main_process:
+            written[label] = write_evaluation_outputs(result, output_dir / "eval" / label, f"{eval_dir.name} model on {label}")
+    return SimpleNamespace(model_dir=eval_dir, config=eval_model.config, results=results, written=written,
+                           timings=timings)
+
+
+def write_report(args, output_dir: Path, progress, description: str, final, summary: dict):
+    """timings.json, the metrics.json/md of every test dataset, and the closing lines on stdout (main process)."""
+    global_step = progress.global_step
+    train_seconds, eval_seconds = summary["train_seconds"], summary["periodic_eval_seconds"]
+    timings = {
+        "training_s": round(train_seconds - eval_seconds, 1),
+        "periodic_evaluation_s": round(eval_seconds, 1),
+        "final_evaluation_s": {k: round(v, 1) for k, v in final.timings.items()},
+        "total_s": round(summary["total_seconds"], 1),
     }
-    if global_step < args.max_train_steps:
+    (output_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    results = final.results
+    if results:
+        table = format_metrics_markdown({label: r["metrics"] for label, r in results.items()}, label="dataset")
+        (output_dir / "metrics.json").write_text(json.dumps({
+            "model": str(final.model_dir), "step": progress.best_step if final.model_dir.name == "best" else global_step,
+            "results": {label: {**r["metrics"], "num_images": r["num_images"], "skipped_frames": r["skipped"],
+                                "protocol": r["protocol"]} for label, r in results.items()},
+        }, indent=2) + "\n")
+        (output_dir / "metrics.md").write_text(
+            f"# MoA-DepthCLIP: {final.model_dir.name} model ({description}, {global_step} steps)\n\n{table}\n\n"
+            f"Crop {args.eval_crop}, prediction clamped to [{final.config.min_depth:g}, {final.config.max_depth:g}] m, "
+            f"{AVERAGING}.\n"
+        )
+    print()
+    print(f"Trained {global_step} steps in {train_seconds - eval_seconds:.0f} s (+ {eval_seconds:.0f} s periodic "
+          f"evaluation); model: {description}")
+    if results:
+        print(f"Final evaluation of {final.model_dir} (metrics averaged per image; {args.eval_crop} crop):")
+        print(table)
+        for label, paths in final.written.items():
+            skipped = len(results[label]["skipped"])
+            print(f"  {label} ({results[label]['num_images']} images{f', {skipped} skipped' if skipped else ''}, "
+                  f"{final.timings[label]:.0f} s): {paths['metrics_json'].parent}/ [metrics.json, metrics.md, "
+                  f"per_image_metrics.csv{', samples.png' if 'samples_png' in paths else ''}]")
+    if progress.best_step is not None:
+        print(f"Best model: {output_dir / 'best'} (step {progress.best_step}, eval {args.metric_for_best_model} "
+              f"{progress.best_metric:.4f})")
+    print(f"Final model: {output_dir / 'final'}")
+    if summary.get("loss_curve") is not None:
+        print(f"Loss curve: {summary['loss_curve']}")
+    if results:
+        print(f"Summary: {output_dir / 'metrics.md'}, {output_dir / 'metrics.json'}")
+    if (output_dir / "logs").is_dir():
+        print(f"TensorBoard logs: {output_dir / 'logs'}  (tensorboard --logdir {output_dir / 'logs'})")
+    print(f"Total time: {summary['total_seconds']:.0f} s")
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Train; exits 1 on divergence, 128 + signal number after SIGINT/SIGTERM (with a checkpoint), 2 on bad input."""
+    try:
+        with contextlib.ExitStack() as cleanup:  # lock, signal handlers, progress bar: released before the message
+            return run(argv, cleanup)
+    except NonFiniteTrainingError as error:
+        print(f"{Path(__file__).name}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def run(argv: Sequence[str] | None, cleanup: contextlib.ExitStack) -> dict:
+    parser = build_parser()
+    args = parse_args(parser, argv)
+    total_start = time.perf_counter()
+    output_dir = check_output_dir(args, parser)
+    resume_path = resolve_resume(args, parser, output_dir)
+    # the model's config (its depth range) and the data first: bad inputs fail here, before anything is built
+    config = model_config(args, parser)
+    data = load_data(args, parser, config)
+    accelerator = setup_accelerator(args, parser, output_dir)
+
+    set_seed(args.seed)
+    model, image_processor, description = load_or_build_model(args, parser, config)
+    input_size = set_input_size(args, parser, model, image_processor)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    require_valid_depth(args, parser, data.train, model)
+    interrupt = take_output_dir(args, parser, accelerator, output_dir, resume_path, cleanup)
+    train_dataloader = train_dataloader_for(args, data.train, image_processor, input_size)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, args.learning_rate, args.backbone_learning_rate, args.weight_decay),
+        lr=args.learning_rate,
+    )
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    steps_per_epoch, num_warmup_steps = plan_steps(args, parser, len(train_dataloader))
+    lr_scheduler = accelerator.prepare(create_lr_scheduler(
+        args.lr_scheduler_type, optimizer, num_warmup_steps, args.max_train_steps, accelerator.num_processes
+    ))
+    progress = TrainingProgress()
+    start_trackers(args, accelerator)
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        progress.load(resume_path)
+        logger.info(f"resumed from {resume_path} at step {progress.global_step}")
+    log_setup(args, accelerator, accelerator.unwrap_model(model), description, data, input_size, steps_per_epoch,
+              num_warmup_steps)
+
+    def evaluate_at(step):
+        return periodic_evaluation(args, accelerator, model, image_processor, data, input_size, progress, output_dir, step)
+
+    summary = train_loop(args, accelerator, model, optimizer, lr_scheduler, train_dataloader, progress,
+                         steps_per_epoch, output_dir, evaluate_at, interrupt, cleanup)
+    signum = summary.pop("signum")
+    if signum is not None and progress.global_step < args.max_train_steps:
+        exit_for_signal(accelerator, signum, f"after step {progress.global_step} (checkpoint {summary['checkpoint']}). "
+                        f"Resume with:\n  {resume_command(argv)}")
+    if accelerator.is_main_process:
+        summary["loss_curve"] = plot_loss_curve(progress.loss_history, output_dir / "loss_curve.png",
+                                                progress.eval_history, args.metric_for_best_model)
+    summary.update(global_step=progress.global_step, output_dir=str(output_dir), loss_history=progress.loss_history,
+                   eval_history=progress.eval_history, best_step=progress.best_step, best_metric=progress.best_metric,
+                   skipped_steps=progress.skipped_steps)
+    if progress.global_step < args.max_train_steps:
         logger.info(
-            f"stopped after step {global_step} of {args.max_train_steps} (--stop_after_steps); continue with "
+            f"stopped after step {progress.global_step} of {args.max_train_steps} (--stop_after_steps); continue with "
             f"--resume_from_checkpoint latest --output_dir {output_dir}"
         )
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return summary
 
-    info = {"step": global_step, "model": model_description, "args": {k: str(v) for k, v in vars(args).items()}}
+    info = {"step": progress.global_step, "model": description, "args": {k: str(v) for k, v in vars(args).items()}}
     save_model_folder(accelerator, model, image_processor, output_dir / "final", info)
     if signum is not None:  # the signal came during the last step: the model is complete, its evaluation is not run
-        if accelerator.is_main_process:
-            print(f"\nStopped by {signal.Signals(signum).name} after the last step; final model: {output_dir / 'final'} "
-                  "(final evaluation skipped)", file=sys.stderr)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        raise SystemExit(128 + signum)
+        exit_for_signal(accelerator, signum, f"after the last step; final model: {output_dir / 'final'} "
+                        "(final evaluation skipped)")
     summary["final_model"] = str(output_dir / "final")
-
-    # Final evaluation on the test datasets.
     final_start = time.perf_counter()
-    eval_dir = output_dir / "best" if args.final_eval_model == "best" and (output_dir / "best").is_dir() else output_dir / "final"
-    eval_model = accelerator.unwrap_model(model)
-    if eval_dir.name == "best" and progress.best_step != global_step:
-        eval_model, _ = moa_eval.load_model_and_processor(str(eval_dir), device=accelerator.device)
-    results, written = {}, {}
-    eval_timings = {}
-    for source, split in test_specs:
-        label = moa_eval.dataset_label(source, split)
-        start = time.perf_counter()
-        try:
-            size = (480, 640) if source == "synthetic" else tuple(args.synthetic_size)
-            dataset = moa_eval.load_dataset_or_error(source, split, synthetic_size=size, seed=args.seed)
-        except ValueError as error:
-            logger.warning(f"final evaluation skipped for {source}: {error}")
-            continue
-        result = moa_eval.evaluate(
-            eval_model, image_processor, dataset, accelerator=accelerator,
-            batch_size=args.per_device_eval_batch_size, crop=args.eval_crop, flip_average=args.flip_average,
-            input_size=input_size, num_visual_samples=args.num_visual_samples,
-            dataset_name=f"{source} ({split})", model_name=str(eval_dir),
-        )
-        results[label] = result
-        eval_timings[label] = time.perf_counter() - start
-        if accelerator.is_main_process:
-            written[label] = moa_eval.write_evaluation_outputs(result, output_dir / "eval" / label, f"{eval_dir.name} model on {label}")
-    final_eval_seconds = time.perf_counter() - final_start
+    final = final_evaluation(args, accelerator, model, image_processor, input_size, progress, output_dir,
+                             data.test_specs)
     # every rank reaches the process group's teardown together; a rank tearing down alone can hang at exit
     accelerator.wait_for_everyone()
     accelerator.end_training()
-
-    summary.update({
-        "final_eval_seconds": final_eval_seconds,
-        "final_eval_timings": eval_timings,
-        "results": {label: {**r["metrics"], "num_images": r["num_images"]} for label, r in results.items()},
-        "total_seconds": time.perf_counter() - total_start,
-    })
+    summary.update(
+        final_eval_seconds=time.perf_counter() - final_start,
+        final_eval_timings=final.timings,
+        results={label: {**r["metrics"], "num_images": r["num_images"]} for label, r in final.results.items()},
+        total_seconds=time.perf_counter() - total_start,
+    )
     if accelerator.is_main_process:
-        from modeling_moa_depthclip.metrics import format_metrics_markdown
-
-        timings = {
-            "training_s": round(train_seconds - eval_seconds, 1),
-            "periodic_evaluation_s": round(eval_seconds, 1),
-            "final_evaluation_s": {k: round(v, 1) for k, v in eval_timings.items()},
-            "total_s": round(summary["total_seconds"], 1),
-        }
-        (output_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-        if results:
-            table = format_metrics_markdown({label: r["metrics"] for label, r in results.items()}, label="dataset")
-            (output_dir / "metrics.json").write_text(json.dumps({
-                "model": str(eval_dir), "step": progress.best_step if eval_dir.name == "best" else global_step,
-                "results": {label: {**r["metrics"], "num_images": r["num_images"], "protocol": r["protocol"]}
-                            for label, r in results.items()},
-            }, indent=2) + "\n")
-            (output_dir / "metrics.md").write_text(
-                f"# MoA-DepthCLIP: {eval_dir.name} model ({model_description}, {global_step} steps)\n\n{table}\n\n"
-                f"Crop {args.eval_crop}, prediction clamped to [0.001, 10] m, {moa_eval.AVERAGING}.\n"
-            )
-        print()
-        print(f"Trained {global_step} steps in {train_seconds - eval_seconds:.0f} s (+ {eval_seconds:.0f} s periodic "
-              f"evaluation); model: {model_description}")
-        if results:
-            print(f"Final evaluation of {eval_dir} (metrics averaged per image; {args.eval_crop} crop):")
-            print(table)
-            for label, paths in written.items():
-                print(f"  {label} ({results[label]['num_images']} images, {eval_timings[label]:.0f} s): "
-                      f"{paths['metrics_json'].parent}/ [metrics.json, metrics.md, per_image_metrics.csv"
-                      f"{', samples.png' if 'samples_png' in paths else ''}]")
-        if progress.best_step is not None:
-            print(f"Best model: {output_dir / 'best'} (step {progress.best_step}, eval {eval_split} {metric} "
-                  f"{progress.best_metric:.4f})")
-        print(f"Final model: {output_dir / 'final'}")
-        if loss_curve is not None:
-            print(f"Loss curve: {loss_curve}")
-        if results:
-            print(f"Summary: {output_dir / 'metrics.md'}, {output_dir / 'metrics.json'}")
-        if log_with is not None:
-            print(f"TensorBoard logs: {output_dir / 'logs'}  (tensorboard --logdir {output_dir / 'logs'})")
-        print(f"Total time: {summary['total_seconds']:.0f} s")
+        write_report(args, output_dir, progress, description, final, summary)
     return summary
 
 

@@ -9,7 +9,6 @@ metres) and `<stem>_depth_color.png` (Turbo colour map, near is red); with `--po
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -35,18 +34,15 @@ def load_depth_pipeline(model: str, device: str | None = None):
     import torch
     from transformers import pipeline
 
-    if os.path.sep in model or model.startswith("."):
-        if not os.path.isdir(model):
-            _fail(f"model folder {model} does not exist")
-        if not os.path.isfile(os.path.join(model, "config.json")):
-            _fail(f"model folder {model} has no config.json: not a saved model")
+    from .evaluation import ModelLoadError, load_model_and_processor
+
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return pipeline("depth-estimation", model=model, device=device)
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        _fail(f"cannot load model {model}: {first_line}")
+        depth_model, image_processor = load_model_and_processor(model)
+    except ModelLoadError as error:
+        _fail(str(error))
+    return pipeline("depth-estimation", model=depth_model, image_processor=image_processor, device=device)
 
 
 def depth_to_millimetres_png(depth_metres: np.ndarray) -> Image.Image:

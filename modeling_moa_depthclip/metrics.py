@@ -77,11 +77,15 @@ def _crop_mask(crop: Any, shape: tuple[int, int]) -> np.ndarray | None:
     return mask
 
 
+class NoValidDepthError(ValueError):
+    """A ground-truth depth map without a single valid pixel (in range, finite, inside the crop)."""
+
+
 def compute_depth_metrics(
     pred: Any,
     gt: Any,
-    min_depth: float = 1e-3,
-    max_depth: float = 10.0,
+    min_depth: float,
+    max_depth: float,
     crop: str | np.ndarray | None = "eigen",
 ) -> dict[str, float]:
     """Standard monocular depth metrics for one image.
@@ -91,7 +95,8 @@ def compute_depth_metrics(
             bilinearly to the ground-truth size if it differs.
         gt: ground-truth depth in metres, [H, W]; values outside (min_depth, max_depth] or
             non-finite are ignored.
-        min_depth, max_depth: evaluation range; the prediction is clamped to it.
+        min_depth, max_depth: evaluation range, the model's (``model.config.min_depth``/``max_depth``); the
+            prediction is clamped to it.
         crop: ``"eigen"``, ``"garg"``, ``None`` or a boolean [H, W] mask.
 
     Returns:
@@ -100,7 +105,8 @@ def compute_depth_metrics(
         ``d = log(pred) - log(gt)``.
 
     Raises:
-        ValueError: if ``pred`` or ``gt`` is not 2-D, or no pixel is valid.
+        ValueError: if ``pred`` or ``gt`` is not 2-D; :class:`NoValidDepthError` (a ``ValueError``) if no pixel
+            is valid.
     """
     pred_np = _as_float64_array(pred)
     gt_np = _as_float64_array(gt)
@@ -126,7 +132,7 @@ def compute_depth_metrics(
     if crop_mask is not None:
         valid &= crop_mask
     if not valid.any():
-        raise ValueError(
+        raise NoValidDepthError(
             f"no valid ground-truth pixel in a {gt_np.shape} depth map "
             f"(range ({min_depth}, {max_depth}], crop={crop if isinstance(crop, str) or crop is None else 'mask'})"
         )
@@ -171,12 +177,13 @@ class DepthMetricsAccumulator:
 
         # object gather
         states = accelerate.utils.gather_object(acc.state())
-        total = DepthMetricsAccumulator().merge(states)
+        total = DepthMetricsAccumulator(min_depth, max_depth).merge(states)
         # tensor gather (float64, one row per frame; NaN rows from padding are ignored)
-        total = DepthMetricsAccumulator.from_tensor(accelerator.gather(acc.to_tensor(device)))
+        total = DepthMetricsAccumulator.from_tensor(accelerator.gather(acc.to_tensor(device)), min_depth=min_depth,
+                                                    max_depth=max_depth)
     """
 
-    def __init__(self, min_depth: float = 1e-3, max_depth: float = 10.0, crop: str | np.ndarray | None = "eigen"):
+    def __init__(self, min_depth: float, max_depth: float, crop: str | np.ndarray | None = "eigen"):
         self.min_depth = min_depth
         self.max_depth = max_depth
         self.crop = crop

@@ -70,3 +70,42 @@ def grayscale_depth(depth: np.ndarray) -> Image.Image:
 
 def grayscale_unit_depth(unit: np.ndarray) -> Image.Image:
     return Image.fromarray((unit * 255.0 + 0.5).astype(np.uint8), mode="L")
+
+
+def plot_loss_curve(loss_history, path, eval_history=(), metric: str = "abs_rel", title: str = "MoA-DepthCLIP training"):
+    """Training loss (raw and a running mean) against the step, with the eval `metric` on a second axis; a PNG.
+
+    `loss_history` is `[[step, loss], ...]`, `eval_history` `[{"step", metric, ...}, ...]`. Returns the path, or None
+    without any loss to plot.
+    """
+    if not loss_history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([row[0] for row in loss_history])
+    losses = np.array([row[1] for row in loss_history])
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, label="training loss")
+    window = max(1, min(20, len(losses) // 10))
+    if window > 1:
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"training loss ({window}-step mean)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("composite loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if eval_history:
+        twin = ax.twinx()
+        twin.plot([e["step"] for e in eval_history], [e[metric] for e in eval_history],
+                  "o-", color="tab:red", label=f"eval {metric}")
+        twin.set_ylabel(f"eval {metric}", color="tab:red")
+        more_handles, more_labels = twin.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="upper right")
+    ax.set_title(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

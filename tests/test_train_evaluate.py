@@ -1,4 +1,5 @@
-"""examples/train.py and examples/evaluate.py: the NYU protocol, learning, exact resumption, multi-process runs, errors.
+"""examples/train.py, examples/evaluate.py and modeling_moa_depthclip.evaluation: the NYU protocol, learning, exact
+resumption, multi-process runs, errors.
 
 Training runs use the tiny configuration (examples/configs/tiny.json = tests/tiny_models.py) on one CPU thread:
 with two threads on a 2-core machine, a concurrently busy core slows the tiny model's small kernels ~50x.
@@ -19,8 +20,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+from modeling_moa_depthclip import evaluation
 from modeling_moa_depthclip.metrics import METRIC_KEYS, compute_depth_metrics, eigen_crop_mask
 
 from tiny_models import tiny_config, tiny_processor
@@ -31,19 +34,18 @@ EXAMPLES = REPO_ROOT / "examples"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
-def _load(module_name: str, file_name: str):
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / file_name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+def _load_train_script():
+    """examples/train.py as a module, so that its main() runs in this process (a subprocess per run costs seconds
+    of imports); the evaluation both scripts share is the package's, tested directly."""
+    name = "moa_depthclip_examples_train"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / "train.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
-# the same module name train.py uses for it, so both share one copy
-evaluate_script = _load("moa_depthclip_examples_evaluate", "evaluate.py")
-train_script = _load("moa_depthclip_examples_train", "train.py")
+train_script = _load_train_script()
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +101,7 @@ class OracleDepthModel(torch.nn.Module):
 
     def __init__(self, image_processor, examples, scale=1.0, outside_crop_scale=None):
         super().__init__()
+        self.config = tiny_config()  # the depth range of the NYU models: [1e-3, 10] m
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives evaluate() a device and dtype
         self.table = {}
         for example in examples:
@@ -126,7 +129,7 @@ def test_oracle_model_scores_perfectly_and_scaled_ground_truth_gives_known_metri
     oracle = OracleDepthModel(processor, frames)
 
     for flip in (False, True):
-        result = evaluate_script.evaluate(oracle, processor, frames, batch_size=4, flip_average=flip,
+        result = evaluation.evaluate(oracle, processor, frames, batch_size=4, flip_average=flip,
                                           show_progress=False)
         assert result["num_images"] == 25
         m = result["metrics"]
@@ -137,14 +140,14 @@ def test_oracle_model_scores_perfectly_and_scaled_ground_truth_gives_known_metri
     assert oracle.calls == 7 + 14  # ceil(25 / 4) batches, twice as many forward passes with flip averaging
 
     scaled = OracleDepthModel(processor, frames, scale=1.3)
-    unclamped = evaluate_script.evaluate(scaled, processor, frames, max_depth=13.0, show_progress=False)["metrics"]
+    unclamped = evaluation.evaluate(scaled, processor, frames, max_depth=13.0, show_progress=False)["metrics"]
     assert unclamped["d1"] == 0.0 and unclamped["d2"] == 1.0 and unclamped["d3"] == 1.0
     assert unclamped["abs_rel"] == pytest.approx(0.3, abs=1e-6)
     assert unclamped["rmse_log"] == pytest.approx(np.log(1.3), abs=1e-6)
     assert unclamped["log10"] == pytest.approx(np.log10(1.3), abs=1e-6)
     assert unclamped["silog"] == pytest.approx(0.0, abs=1e-3)
 
-    standard = evaluate_script.evaluate(scaled, processor, frames, show_progress=False)
+    standard = evaluation.evaluate(scaled, processor, frames, show_progress=False)
     expected = {key: [] for key in ("d1", "abs_rel", "rmse")}
     for example in frames:
         gt = example["depth"].astype(np.float64)
@@ -160,16 +163,16 @@ def test_oracle_model_scores_perfectly_and_scaled_ground_truth_gives_known_metri
 
     # the Eigen crop: a prediction wrong only outside the crop is perfect with it and not without it
     wrong_outside = OracleDepthModel(processor, frames, outside_crop_scale=2.0)
-    cropped = evaluate_script.evaluate(wrong_outside, processor, frames, crop="eigen", show_progress=False)
-    uncropped = evaluate_script.evaluate(wrong_outside, processor, frames, crop="none", show_progress=False)
+    cropped = evaluation.evaluate(wrong_outside, processor, frames, crop="eigen", show_progress=False)
+    uncropped = evaluation.evaluate(wrong_outside, processor, frames, crop="none", show_progress=False)
     assert cropped["metrics"]["d1"] == 1.0 and cropped["metrics"]["rmse"] == pytest.approx(0.0, abs=1e-6)
     assert uncropped["metrics"]["d1"] < 0.9
 
     # what the script writes
-    paths = evaluate_script.write_evaluation_outputs(standard, tmp_path, "oracle x 1.3")
+    paths = evaluation.write_evaluation_outputs(standard, tmp_path, "oracle x 1.3")
     written = json.loads(paths["metrics_json"].read_text())
-    assert set(METRIC_KEYS) | {"num_images", "protocol"} == set(written)
-    assert written["num_images"] == 25
+    assert set(METRIC_KEYS) | {"num_images", "num_skipped", "skipped_frames", "protocol"} == set(written)
+    assert written["num_images"] == 25 and written["num_skipped"] == 0 and written["skipped_frames"] == []
     assert written["protocol"]["crop"] == "eigen" and written["protocol"]["clamp_range_m"] == [0.001, 10.0]
     assert "per-image" in written["protocol"]["averaging"]
     rows = paths["per_image_csv"].read_text().strip().splitlines()
@@ -276,9 +279,10 @@ def test_training_from_a_checkpoint_changes_only_the_trainable_weights(run_train
 
 def test_parameter_groups_follow_the_paper_recipe():
     from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
+    from modeling_moa_depthclip.optimization import parameter_groups
 
     model = MoADepthCLIPForDepthEstimation(tiny_config())
-    groups = train_script.parameter_groups(model, 1e-4, 1e-5, 0.01)
+    groups = parameter_groups(model, 1e-4, 1e-5, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     by_name = {g["name"]: [names[id(p)] for p in g["params"]] for g in groups}
     assert {g["name"]: (g["lr"], g["weight_decay"]) for g in groups} == {
@@ -328,7 +332,7 @@ def test_local_pretrained_clip_initialises_the_backbone_else_a_warning(tmp_path,
     parser = train_script.build_parser()
 
     args = parser.parse_args(["--config_name", "tiny", "--clip_model", str(tmp_path / "clip")])
-    model, processor, description = train_script.load_or_build_model(args, parser)
+    model, processor, description = train_script.load_or_build_model(args, parser, train_script.build_config("tiny"))
     assert "pretrained CLIP" in description
     assert torch.equal(
         model.vision_model.encoder.layers[0].mlp.fc1.weight, clip.vision_model.encoder.layers[0].mlp.fc1.weight
@@ -353,28 +357,31 @@ def test_local_pretrained_clip_initialises_the_backbone_else_a_warning(tmp_path,
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="moa_depthclip.train"):
         args = parser.parse_args(["--config_name", "tiny", "--clip_model", "nobody/no-such-clip"])
-        _, _, description = train_script.load_or_build_model(args, parser)
+        _, _, description = train_script.load_or_build_model(args, parser, train_script.build_config("tiny"))
     assert "random CLIP backbone" in description
     assert any("RANDOMLY INITIALISED" in record.getMessage() for record in caplog.records)
 
 
 def test_training_on_a_saved_datasets_dataset_with_periodic_eval_and_best_model(run_train, tmp_path):
     """A `datasets` DatasetDict (save_to_disk) trains and evaluates: periodic evaluation on its test split picks
-    best/, whose eval metric is the lowest of the run, and the final evaluation scores every test frame once."""
+    best/, whose eval metric is the lowest of the run, and the final evaluation scores every test frame once.
+    A test frame without any valid depth pixel is skipped and named, in the periodic and the final evaluation (it
+    used to stop the training at its first evaluation, losing every step trained)."""
     import datasets
     from PIL import Image
 
     from modeling_moa_depthclip.data import render_synthetic_scene
 
-    def split(first, count):
+    def split(first, count, blank=None):
         rows = [render_synthetic_scene(first + i, 48, 64) for i in range(count)]
         features = datasets.Features({"image": datasets.Image(), "depth": datasets.Array2D((48, 64), "float32"),
                                       "name": datasets.Value("string")})
         return datasets.Dataset.from_dict(
-            {"image": [Image.fromarray(rgb) for rgb, _ in rows], "depth": [d for _, d in rows],
+            {"image": [Image.fromarray(rgb) for rgb, _ in rows],
+             "depth": [np.zeros_like(d) if first + i == blank else d for i, (_, d) in enumerate(rows)],
              "name": [f"scene_{first + i}" for i in range(count)]}, features=features)
 
-    datasets.DatasetDict({"train": split(0, 6), "test": split(100, 3)}).save_to_disk(tmp_path / "saved")
+    datasets.DatasetDict({"train": split(0, 6), "test": split(100, 4, blank=102)}).save_to_disk(tmp_path / "saved")
     out = tmp_path / "run"
     summary = run_train(
         "--config_name", "tiny", "--dataset", tmp_path / "saved", "--per_device_train_batch_size", 3,
@@ -389,7 +396,82 @@ def test_training_on_a_saved_datasets_dataset_with_periodic_eval_and_best_model(
     assert info["eval_metrics"]["abs_rel"] == pytest.approx(best["abs_rel"])
     final = json.loads((out / "metrics.json").read_text())
     assert final["results"]["saved"]["num_images"] == 3
+    assert final["results"]["saved"]["skipped_frames"] == ["scene_102"]
+    assert json.loads((out / "eval" / "saved" / "metrics.json").read_text())["skipped_frames"] == ["scene_102"]
     assert (out / "eval" / "saved" / "samples.png").is_file()
+
+
+def _outdoor_frames(folder: Path, count: int, far: float, size=(48, 64)) -> Path:
+    """DenseDepth-layout frames (RGB PNG + uint16 millimetre depth PNG, listed in nyu2_train.csv and nyu2_test.csv)
+    whose depth rises from 2 m at the top row to about `far` m at the bottom, with brighter pixels farther away."""
+    folder.mkdir()
+    height, width = size
+    rng = np.random.default_rng(0)
+    rows = []
+    for index in range(count):
+        depth = np.linspace(2.0, far, height, dtype=np.float32)[:, None].repeat(width, 1) * (1 + 0.02 * index)
+        grey = depth / depth.max() * 200 + rng.uniform(0, 40, depth.shape)
+        Image.fromarray(np.stack([grey] * 3, axis=-1).astype(np.uint8)).save(folder / f"{index:05d}_colors.png")
+        Image.fromarray(np.round(depth * 1000).astype(np.uint16)).save(folder / f"{index:05d}_depth.png")
+        rows.append(f"{index:05d}_colors.png,{index:05d}_depth.png")
+    for name in ("nyu2_train.csv", "nyu2_test.csv"):
+        (folder / name).write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_an_80_m_model_trains_and_evaluates_on_its_own_depth_range(run_train, tmp_path, monkeypatch):
+    """A tiny model with max_depth=80 on frames up to ~63 m: the loss sees the labels beyond the NYU range (10 m),
+    and both the final evaluation of train.py and examples/evaluate.py without depth flags clamp to [min_depth, 80].
+    (The range used to be 10 m wherever it was not passed on: data, evaluation, reports.)"""
+    from modeling_moa_depthclip import MoADepthCLIPConfig, MoADepthCLIPForDepthEstimation
+    from tiny_models import save_tiny_checkpoint
+
+    nyu_max = MoADepthCLIPConfig().max_depth
+    frames = _outdoor_frames(tmp_path / "outdoor", count=4, far=60.0)
+    save_tiny_checkpoint(tmp_path / "start", max_depth=80.0)
+
+    seen = []  # per training forward: (supervised pixels beyond the NYU range, supervised pixels, deepest label)
+    forward = MoADepthCLIPForDepthEstimation.forward
+
+    def spy(self, pixel_values=None, labels=None, **kwargs):
+        if labels is not None:
+            supervised = torch.isfinite(labels) & (labels > self.config.min_depth) & (labels <= self.config.max_depth)
+            seen.append((int((supervised & (labels > nyu_max)).sum()), int(supervised.sum()),
+                         float(labels[supervised].max())))
+        return forward(self, pixel_values=pixel_values, labels=labels, **kwargs)
+
+    monkeypatch.setattr(MoADepthCLIPForDepthEstimation, "forward", spy)
+    out = tmp_path / "run"
+    summary = run_train(
+        "--model", tmp_path / "start", "--dataset", frames, "--no_augmentation", "--per_device_train_batch_size", 2,
+        "--max_train_steps", 2, "--eval_steps", 1, "--learning_rate", 1e-3, "--checkpointing_steps", 0,
+        "--test_datasets", f"{frames}:test", "--final_eval_model", "final", "--output_dir", out,
+    )
+    assert len(seen) == 2 and summary["global_step"] == 2
+    beyond, supervised, deepest = map(sum, zip(*seen))
+    assert beyond > 0.7 * supervised  # ~85 % of each frame lies beyond 10 m
+    assert max(d for _, _, d in seen) > 55.0
+    assert [e["step"] for e in summary["eval_history"]] == [1, 2]
+
+    label = "outdoor"
+    final = json.loads((out / "metrics.json").read_text())["results"][label]
+    assert final["protocol"]["clamp_range_m"] == [MoADepthCLIPConfig().min_depth, 80.0]
+    assert final["num_images"] == 4 and final["protocol"]["valid_gt"].endswith(", 80] m")
+    assert json.loads((out / "eval" / label / "metrics.json").read_text())["protocol"]["clamp_range_m"][1] == 80.0
+    assert "clamped to [0.001, 80] m" in (out / "metrics.md").read_text()
+
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / "evaluate.py"), "--model", str(out / "final"), "--dataset", str(frames),
+         "--output_dir", str(tmp_path / "eval")],
+        capture_output=True, text=True, env=_subprocess_env(), timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["protocol"]["clamp_range_m"] == [MoADepthCLIPConfig().min_depth, 80.0]
+    assert metrics["num_images"] == 4 and metrics["num_skipped"] == 0
+    assert "clamp [0.001, 80] m" in completed.stdout
+    # and the same numbers as the final evaluation in train.py: one evaluation function
+    assert metrics["abs_rel"] == pytest.approx(final["abs_rel"], rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,12 +502,12 @@ def test_two_process_training_and_evaluation_count_every_frame_once(nyu_sample_d
     (label, nyu_result), = summary["results"].items()
     assert nyu_result["num_images"] == 25 and nyu_result["protocol"]["num_processes"] == 2
 
-    evaluation = subprocess.run(
+    evaluated = subprocess.run(
         [str(a) for a in launch + [EXAMPLES / "evaluate.py", "--model", out / "final", "--dataset", nyu_sample_dir,
                                    "--output_dir", tmp_path / "eval", "--save_predictions", "--batch_size", 4]],
         env=_subprocess_env(), capture_output=True, text=True, timeout=300,
     )
-    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["num_images"] == 25 and metrics["protocol"]["num_processes"] == 2
     rows = (tmp_path / "eval" / "per_image_metrics.csv").read_text().strip().splitlines()[1:]
@@ -439,13 +521,13 @@ def test_two_process_training_and_evaluation_count_every_frame_once(nyu_sample_d
     frame = load_depth_dataset(nyu_sample_dir, split="test")[0]
     prediction = np.load(tmp_path / "eval" / "predictions" / f"{frame['name']}.npy")
     assert prediction.dtype == np.float32 and prediction.shape == (480, 640)
-    recomputed = compute_depth_metrics(prediction, frame["depth"])
+    model, processor = evaluation.load_model_and_processor(str(out / "final"))
+    recomputed = compute_depth_metrics(prediction, frame["depth"], model.config.min_depth, model.config.max_depth)
     stored = dict(zip(METRIC_KEYS, map(float, rows[names.index(frame["name"])].split(",")[1:])))
     for key in METRIC_KEYS:
         assert stored[key] == pytest.approx(recomputed[key], rel=1e-4, abs=1e-6), key
     # the model evaluated in-process gives the same average (process split changes nothing)
-    model, processor = evaluate_script.load_model_and_processor(str(out / "final"))
-    single = evaluate_script.evaluate(model, processor, load_depth_dataset(nyu_sample_dir, split="test"),
+    single = evaluation.evaluate(model, processor, load_depth_dataset(nyu_sample_dir, split="test"),
                                       show_progress=False)
     for key in METRIC_KEYS:
         assert metrics[key] == pytest.approx(single["metrics"][key], rel=1e-5, abs=1e-6), key
@@ -487,10 +569,6 @@ def test_bad_inputs_fail_with_one_clear_line_before_training(tmp_path, capsys, r
     )
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
 
-    assert "no such folder" in _error_of(evaluate_script.main, ["--model", tmp_path / "nothing"], capsys)
-    assert "not found" in _error_of(
-        evaluate_script.main, ["--model", tmp_path, "--dataset", tmp_path / "nothing"], capsys
-    )
 
     # and as a real command: nonzero exit, one line
     result = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), "--bogus"], capture_output=True, text=True,

@@ -1,0 +1,712 @@
+"""Loading a depth model with its image processor, and the standard NYU Depth V2 evaluation protocol.
+
+The protocol is the one of the BTS / AdaBins / DenseDepth NYU evaluation code:
+
+* the model predicts at its input size (default: the image processor's), the prediction is resized bilinearly to the
+  ground truth's size, optionally averaged with the prediction of the horizontally flipped image;
+* predictions are clamped to `[min_depth, max_depth]`, taken from the model's config unless given; ground-truth
+  pixels outside `(min_depth, max_depth]` or not finite are invalid; only the Eigen crop is scored by default;
+* the metrics are computed per image on its valid pixels and then averaged over images (not over pixels). A frame
+  without a single valid pixel is skipped, counted and named in the outputs.
+
+`examples/evaluate.py` (the command line) and `examples/train.py` (periodic and final evaluation) both use
+`evaluate` and `write_evaluation_outputs`; the CLI, the scripts and the ONNX export load models with
+`load_model_and_processor`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .metrics import METRIC_KEYS, DepthMetricsAccumulator, NoValidDepthError, format_metrics_markdown
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AVERAGING",
+    "CROPS",
+    "ModelLoadError",
+    "check_output_dir",
+    "dataset_label",
+    "default_nyu_sample_dir",
+    "depth_range",
+    "evaluate",
+    "format_report",
+    "format_result_line",
+    "load_config",
+    "load_dataset_or_error",
+    "load_model_and_processor",
+    "predict_depth",
+    "safe_frame_filename",
+    "save_samples_panel",
+    "write_evaluation_outputs",
+]
+
+NYU_SAMPLE_ENV = "MOA_DEPTHCLIP_NYU_SAMPLE"
+CROPS = ("eigen", "garg", "none")
+AVERAGING = (
+    "per-image: each metric is computed on the valid pixels of one image, then averaged over images "
+    "(as the common BTS/AdaBins/DenseDepth NYU evaluation code does)"
+)
+MODEL_TYPE = "moa_depthclip"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a model and its image processor
+# ------------------------------------------------------------------------------------------------
+
+
+class ModelLoadError(OSError, ValueError):
+    """A model that cannot be loaded; the message is one line naming the folder or file and the reason."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _local_folder(model_id: str | os.PathLike) -> Path | None:
+    """The local folder `model_id` names, or None for a Hub id; a missing folder or a file is a `ModelLoadError`."""
+    text = os.fspath(model_id)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model {path} is a file, not a model folder (save_pretrained writes a folder)")
+        return path
+    if _HUB_ID.match(text) and not text.startswith("."):
+        return None
+    raise ModelLoadError(f"model folder {path} does not exist")
+
+
+def _check_safetensors(path: Path):
+    """A weights file whose header or data end before it should (an interrupted copy or save) is named here,
+    where safetensors itself would raise an error that names no file."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ModelLoadError(f"{path} is truncated or empty ({size} bytes): not a complete safetensors file")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > size - 8:
+            raise ModelLoadError(
+                f"{path} is truncated or not a safetensors file: its header claims {header_size:,} bytes, "
+                f"the file has {size:,}"
+            )
+        try:
+            header = json.loads(handle.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ModelLoadError(f"{path} is not a safetensors file (unreadable header)") from None
+    try:
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError):
+        raise ModelLoadError(f"{path} is not a safetensors file (malformed header)") from None
+    expected = 8 + header_size + int(end)
+    if size < expected:
+        raise ModelLoadError(f"{path} is truncated: {size:,} of {expected:,} bytes (an interrupted save or copy?)")
+
+
+def _check_weights(folder: Path):
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(f"{index} is not a valid safetensors index (no weight_map)") from None
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise ModelLoadError(f"model folder {folder} lacks the weights file {shard} listed in {index.name}")
+            _check_safetensors(folder / shard)
+        return
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        _check_safetensors(weights)
+    elif not any((folder / name).is_file() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise ModelLoadError(f"model folder {folder} has no {WEIGHTS_NAME}: no weights saved")
+
+
+def load_config(model_id: str | os.PathLike):
+    """The `MoADepthCLIPConfig` of a saved model (local folder or Hub id), checked before any weight is read.
+
+    Raises `ModelLoadError` (one line naming the folder or file) for a missing folder, a folder without
+    `config.json`, an unreadable `config.json`, or a model of another type.
+    """
+    from transformers import AutoConfig
+
+    from .configuration_moa_depthclip import MoADepthCLIPConfig
+
+    folder = _local_folder(model_id)
+    if folder is not None:
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise ModelLoadError(f"model folder {folder} has no config.json: not a saved model")
+        try:
+            settings = json.loads(config_file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelLoadError(f"{config_file} is not valid JSON: {error}") from None
+        model_type = settings.get("model_type") if isinstance(settings, dict) else None
+        if model_type is None:
+            raise ModelLoadError(f"{config_file} has no model_type: not a transformers model config")
+        if model_type != MODEL_TYPE:
+            raise ModelLoadError(_other_type_message(str(folder), model_type))
+    try:
+        config = AutoConfig.from_pretrained(os.fspath(folder or model_id))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        if folder is not None:
+            raise ModelLoadError(f"cannot load {folder / 'config.json'}: {_first_line(error)}") from None
+        raise ModelLoadError(
+            f"model {os.fspath(model_id)!r} is not a local folder and cannot be loaded from the Hub: {_first_line(error)}"
+        ) from None
+    if not isinstance(config, MoADepthCLIPConfig):
+        raise ModelLoadError(_other_type_message(os.fspath(model_id), config.model_type))
+    return config
+
+
+def _other_type_message(where: str, model_type: str) -> str:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES
+
+    kind = "a depth model of another type" if model_type in MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES else "not a depth model"
+    return f"model {where} is a {model_type!r} model ({kind}), not MoA-DepthCLIP (model_type {MODEL_TYPE!r})"
+
+
+def load_model_and_processor(
+    model_id: str | os.PathLike,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    trainable: bool = False,
+):
+    """Load a MoA-DepthCLIP model (local folder or Hub id) and its image processor.
+
+    The model comes back in eval mode (in train mode with `trainable=True`, the paper's parameters unfrozen), moved
+    to `device`/`dtype` if given. A folder without `preprocessor_config.json` gets the default image processor at
+    the config's image size, with a warning.
+
+    Raises:
+        ModelLoadError: (an `OSError` and a `ValueError`) one line naming the folder or file and the reason: missing
+            folder, no `config.json`, a model of another type, missing or truncated `model.safetensors`, weights that
+            do not fit the config.
+    """
+    from transformers import AutoImageProcessor
+
+    from .image_processing_moa_depthclip import MoADepthCLIPImageProcessor
+    from .modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
+
+    config = load_config(model_id)
+    folder = _local_folder(model_id)
+    source = os.fspath(folder) if folder is not None else os.fspath(model_id)
+    if folder is not None:
+        _check_weights(folder)
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors
+        SafetensorError = OSError
+    try:
+        # mismatched shapes are reported below, naming the tensors, instead of transformers' pointer to its log
+        model, info = MoADepthCLIPForDepthEstimation.from_pretrained(
+            source, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+        raise ModelLoadError(f"cannot load the weights of model {source}: {_first_line(error)}") from None
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        key, *shapes = sorted(mismatched)[0]
+        detail = f" ({key}: file {tuple(shapes[0])} vs config {tuple(shapes[1])})" if len(shapes) == 2 else f" ({key})"
+        raise ModelLoadError(
+            f"the weights of model {source} do not fit its config.json: {len(mismatched)} tensor(s) of another "
+            f"shape{detail}"
+        )
+    # from_pretrained only warns about weights missing from the file and initialises them randomly: refuse
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelLoadError(
+            f"the weights of model {source} lack {len(missing)} tensor(s) of its config ({', '.join(missing[:3])}{more}): "
+            "not a checkpoint of this model"
+        )
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError, KeyError):
+        size = config.vision_config.image_size
+        logger.warning(f"{source} has no image processor; using a default one at {size}x{size}")
+        image_processor = MoADepthCLIPImageProcessor(
+            size={"height": size, "width": size}, size_divisor=config.vision_config.patch_size
+        )
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    if trainable:
+        model.train()
+        model.apply_trainable_mask()
+    else:
+        model.eval()
+    return model, image_processor
+
+
+# ------------------------------------------------------------------------------------------------
+# Data sources and output folders
+# ------------------------------------------------------------------------------------------------
+
+
+def default_nyu_sample_dir() -> Path | None:
+    """The shared real NYU frames: `$MOA_DEPTHCLIP_NYU_SAMPLE`, else `../shared/data/nyu_eigen_test_sample` beside
+    the repository; None if absent."""
+    env = os.environ.get(NYU_SAMPLE_ENV)
+    repo_root = Path(__file__).resolve().parents[1]
+    path = Path(env).expanduser() if env else repo_root.parent / "shared" / "data" / "nyu_eigen_test_sample"
+    return path if (path / "index.csv").is_file() else None
+
+
+def dataset_label(source: str, split: str | None = None) -> str:
+    """A short file-system-safe label for a dataset source (and split), e.g. `synthetic_test`."""
+    base = "synthetic" if source == "synthetic" else Path(str(source).rstrip("/")).name or str(source)
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", base).strip("_") or "dataset"
+    return f"{label}_{split}" if split and source == "synthetic" else label
+
+
+def load_dataset_or_error(source: str, split: str, *, min_depth: float, max_depth: float, num_samples=None,
+                          synthetic_size=(480, 640), seed=0, **kwargs):
+    """`load_depth_dataset` with every failure turned into one `ValueError` line naming the source.
+
+    `min_depth`, `max_depth` are the model's (`model.config`): depth outside them is invalid ground truth.
+    """
+    from .data import SourceKind, classify_source, load_depth_dataset
+
+    source = str(source)
+    try:
+        kind = classify_source(source)
+    except ValueError as error:
+        raise ValueError(f"cannot load dataset {source!r}: {_first_line(error)}") from None
+    if kind is SourceKind.MISSING:
+        raise ValueError(f"dataset folder or file not found: {source}")
+    try:
+        dataset = load_depth_dataset(
+            source, split=split, min_depth=min_depth, max_depth=max_depth, num_samples=num_samples,
+            height=synthetic_size[0], width=synthetic_size[1], seed=seed, **kwargs,
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"cannot load dataset {source!r} (split {split!r}): {_first_line(error)}") from None
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
+    return dataset
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Create `output_dir` if needed and make sure files can be written there, before any work is done.
+
+    Raises `OSError` in one line naming the folder: a file in the way, or a folder that cannot be written.
+    """
+    path = Path(output_dir).expanduser()
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is a file" if parent == path else f"cannot be created: {parent} is a file"
+                raise NotADirectoryError(f"output folder {path} {what}")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise OSError(f"output folder {path} is not writable: {error.strerror or _first_line(error)}") from None
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction and evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    for parameter in model.parameters():
+        return parameter.device, parameter.dtype
+    return torch.device("cpu"), torch.float32
+
+
+@torch.no_grad()
+def predict_depth(
+    model,
+    image_processor,
+    images: Sequence[Any],
+    target_sizes: Sequence[tuple[int, int]],
+    *,
+    input_size: tuple[int, int] | None = None,
+    flip_average: bool = False,
+) -> list[np.ndarray]:
+    """Metric depth (float32 metres) for each image, resized bilinearly to its `target_sizes` entry.
+
+    With `flip_average`, the depth of the horizontally flipped image is flipped back and averaged with the direct
+    prediction (at the model's output resolution, before resizing).
+    """
+    device, dtype = _model_device_dtype(model)
+    kwargs = {"size": {"height": int(input_size[0]), "width": int(input_size[1])}} if input_size else {}
+    pixel_values = image_processor(list(images), return_tensors="pt", **kwargs)["pixel_values"]
+    pixel_values = pixel_values.to(device=device, dtype=dtype)
+    predicted = model(pixel_values=pixel_values).predicted_depth.float()
+    if flip_average:
+        flipped = model(pixel_values=torch.flip(pixel_values, dims=[-1])).predicted_depth.float()
+        predicted = 0.5 * (predicted + torch.flip(flipped, dims=[-1]))
+    results = []
+    for depth, size in zip(predicted, target_sizes):
+        size = (int(size[0]), int(size[1]))
+        if tuple(depth.shape[-2:]) != size:
+            depth = F.interpolate(depth[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        results.append(depth.cpu().numpy().astype(np.float32))
+    return results
+
+
+def depth_range(model, min_depth: float | None = None, max_depth: float | None = None) -> tuple[float, float]:
+    """The evaluation's `[min_depth, max_depth]`: the model config's unless given."""
+    config = getattr(model, "config", None)
+    if min_depth is None:
+        min_depth = getattr(config, "min_depth", None)
+    if max_depth is None:
+        max_depth = getattr(config, "max_depth", None)
+    if min_depth is None or max_depth is None:
+        raise ValueError("the depth range is not known: the model has no config.min_depth/max_depth; pass them")
+    min_depth, max_depth = float(min_depth), float(max_depth)
+    if not 0 < min_depth < max_depth:
+        raise ValueError(f"need 0 < min_depth < max_depth, got {min_depth} and {max_depth}")
+    return min_depth, max_depth
+
+
+def _local_examples(dataset, process_index: int, num_processes: int):
+    """This process's share of the frames: contiguous chunks of a map-style dataset (no padding, no repeats),
+    every `num_processes`-th example of an iterable one."""
+    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        total = len(dataset)
+        per_process, extra = divmod(total, num_processes)
+        start = process_index * per_process + min(process_index, extra)
+        stop = start + per_process + (1 if process_index < extra else 0)
+        return (dataset[i] for i in range(start, stop)), stop - start
+    return (example for i, example in enumerate(dataset) if i % num_processes == process_index), None
+
+
+def _batched(iterable: Iterable, size: int):
+    batch = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def safe_frame_filename(name: str) -> str:
+    """A frame name as one file name (folders flattened with `__`, no `..`)."""
+    flat = str(name).replace("\\", "/").strip("/").replace("/", "__")
+    flat = re.sub(r"[^A-Za-z0-9_.+-]+", "_", flat).replace("..", "_")
+    return flat or "frame"
+
+
+def evaluate(
+    model,
+    image_processor,
+    dataset,
+    *,
+    accelerator=None,
+    batch_size: int = 8,
+    crop: str | None = "eigen",
+    min_depth: float | None = None,
+    max_depth: float | None = None,
+    flip_average: bool = False,
+    input_size: tuple[int, int] | None = None,
+    predictions_dir: str | os.PathLike | None = None,
+    num_visual_samples: int = 4,
+    dataset_name: str | None = None,
+    model_name: str | None = None,
+    predict_fn: Callable[[list[dict]], list[np.ndarray]] | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Evaluate `model` on `dataset` with the NYU protocol; returns a dict with the results on every process.
+
+    Args:
+        model: a depth model returning `predicted_depth` in metres (unwrapped from DDP; it is put in eval mode and
+            restored to its previous mode at the end).
+        image_processor: turns PIL images into `pixel_values` (`MoADepthCLIPImageProcessor`).
+        dataset: examples `{"image", "depth", "name"}` (`load_depth_dataset`): map-style, a list or iterable.
+        accelerator: with several processes the frames are split between them and the per-image results are
+            gathered and merged by frame name, so every frame counts once.
+        crop: `"eigen"`, `"garg"` or `None`/`"none"`.
+        min_depth, max_depth: clamp range of the prediction and valid range of the ground truth; default: the
+            model's `config.min_depth` and `config.max_depth`.
+        flip_average: average with the prediction of the horizontally flipped image.
+        input_size: `(height, width)` fed to the model; default: the image processor's size.
+        predictions_dir: if given, each prediction is saved there as float32 `.npy` in metres named after its frame.
+        num_visual_samples: how many frames (the first of the main process) to keep for the picture panel.
+        predict_fn: replaces the model call: examples -> depth maps (any size, resized to the ground truth); used
+            to check the protocol with known predictions.
+
+    Returns:
+        `{"metrics": {key: mean over images}, "num_images", "per_image": [{"name", key...}] sorted by name,
+        "skipped": [names of frames without a valid ground-truth pixel], "protocol": {...},
+        "samples": [{"name", "image", "depth", "prediction"}] (main process)}`.
+
+    Raises:
+        ValueError: no frame at all could be scored (an empty dataset, or no valid pixel in any frame).
+    """
+    min_depth, max_depth = depth_range(model, min_depth, max_depth)
+    crop = None if crop in (None, "none") else crop
+    process_index = accelerator.process_index if accelerator is not None else 0
+    num_processes = accelerator.num_processes if accelerator is not None else 1
+    is_main = process_index == 0
+    if predictions_dir is not None:
+        predictions_dir = Path(predictions_dir)
+        predictions_dir.mkdir(parents=True, exist_ok=True)
+
+    was_training = getattr(model, "training", False) if model is not None else False
+    if model is not None and hasattr(model, "eval"):
+        model.eval()
+    accumulator = DepthMetricsAccumulator(min_depth=min_depth, max_depth=max_depth, crop=crop)
+    skipped: set[str] = set()
+    samples: list[dict] = []
+    examples, local_count = _local_examples(dataset, process_index, num_processes)
+    progress = None
+    if show_progress and is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=local_count, desc=f"evaluate {dataset_name or ''}".strip(), unit="img", leave=False)
+    local_duplicates = 0
+    try:
+        for batch in _batched(examples, batch_size):
+            gts = [np.asarray(example["depth"], dtype=np.float32) for example in batch]
+            if predict_fn is not None:
+                predictions = [np.asarray(p, dtype=np.float32) for p in predict_fn(batch)]
+                predictions = [
+                    p if p.shape == g.shape else
+                    F.interpolate(torch.from_numpy(p)[None, None], size=g.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+                    for p, g in zip(predictions, gts)
+                ]
+            else:
+                predictions = predict_depth(
+                    model,
+                    image_processor,
+                    [example["image"] for example in batch],
+                    [g.shape for g in gts],
+                    input_size=input_size,
+                    flip_average=flip_average,
+                )
+            for example, prediction, gt in zip(batch, predictions, gts):
+                name = str(example["name"])
+                before = len(accumulator)
+                try:
+                    accumulator.update(prediction, gt, name)
+                except NoValidDepthError:
+                    skipped.add(name)
+                    continue
+                if len(accumulator) == before:
+                    local_duplicates += 1
+                if predictions_dir is not None:
+                    np.save(predictions_dir / f"{safe_frame_filename(name)}.npy", prediction.astype(np.float32))
+                if is_main and len(samples) < num_visual_samples:
+                    samples.append(
+                        {"name": name, "image": np.asarray(example["image"].convert("RGB")), "depth": gt, "prediction": prediction}
+                    )
+            if progress is not None:
+                progress.update(len(batch))
+    finally:
+        if progress is not None:
+            progress.close()
+        if model is not None and was_training:
+            model.train()
+    if local_duplicates:
+        logger.warning(f"{local_duplicates} frame(s) repeat an earlier frame's name and were counted once")
+
+    if num_processes > 1:
+        from accelerate.utils import gather_object
+
+        merged = DepthMetricsAccumulator(min_depth=min_depth, max_depth=max_depth, crop=crop)
+        for part in gather_object([{"records": accumulator.state(), "skipped": sorted(skipped)}]):
+            merged.merge(part["records"])
+            skipped.update(part["skipped"])
+        accumulator = merged
+    valid_gt = f"finite and in ({min_depth:g}, {max_depth:g}] m"
+    if skipped:
+        logger.warning(
+            f"{len(skipped)} frame(s) of {dataset_name or 'the dataset'} have no valid ground-truth pixel "
+            f"({valid_gt}, crop {crop or 'none'}) and were skipped: {', '.join(sorted(skipped)[:5])}"
+            + (" ..." if len(skipped) > 5 else "")
+        )
+    if len(accumulator) == 0:
+        if skipped:
+            raise ValueError(
+                f"no frame of {dataset_name or 'the dataset'} has a valid ground-truth pixel ({valid_gt}, crop "
+                f"{crop or 'none'}): all {len(skipped)} skipped; is the depth range of the model right for this data?"
+            )
+        raise ValueError(f"no frames evaluated: dataset {dataset_name or ''} yielded no examples")
+    protocol = {
+        "crop": crop or "none",
+        "clamp_range_m": [min_depth, max_depth],
+        "valid_gt": valid_gt,
+        "averaging": AVERAGING,
+        "prediction_resize": "bilinear to the ground-truth size",
+        "flip_average": bool(flip_average),
+        "input_size": list(input_size) if input_size else _processor_size(image_processor),
+        "dataset": dataset_name,
+        "model": model_name,
+        "num_processes": num_processes,
+    }
+    return {
+        "metrics": accumulator.compute(),
+        "num_images": len(accumulator),
+        "per_image": sorted(accumulator.per_image, key=lambda record: record["name"]),
+        "skipped": sorted(skipped),
+        "protocol": protocol,
+        "samples": samples,
+    }
+
+
+def _processor_size(image_processor) -> list[int] | None:
+    size = getattr(image_processor, "size", None)
+    if isinstance(size, dict) and "height" in size:
+        return [int(size["height"]), int(size["width"])]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs
+# ------------------------------------------------------------------------------------------------
+
+
+def save_samples_panel(samples: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> Path | None:
+    """RGB | ground truth | prediction | absolute error, one row per sample; depth panels share one colour bar."""
+    if not samples:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # the colour scale spans the valid ground truth, or the predictions if no frame has any
+    values = [s["depth"][s["depth"] > 0] for s in samples]
+    if not any(v.size for v in values):
+        values = [np.asarray(s["prediction"]).ravel() for s in samples]
+    vmin = float(min(v.min() for v in values if v.size))
+    vmax = float(max(v.max() for v in values if v.size))
+    errors = [np.where(s["depth"] > 0, np.abs(s["prediction"] - s["depth"]), np.nan) for s in samples]
+    emax = float(np.nanmax([np.nanmax(e) if np.isfinite(e).any() else 0.0 for e in errors])) or 1.0
+
+    rows = len(samples)
+    fig, axes = plt.subplots(rows, 4, figsize=(14, 2.9 * rows + 0.6), squeeze=False, constrained_layout=True)
+    depth_cmap = plt.get_cmap("turbo_r").with_extremes(bad="black")
+    error_cmap = plt.get_cmap("magma").with_extremes(bad="black")
+    depth_image = error_image = None
+    for row, (sample, error) in enumerate(zip(samples, errors)):
+        gt = np.where(sample["depth"] > 0, sample["depth"], np.nan)
+        axes[row, 0].imshow(sample["image"])
+        axes[row, 0].set_ylabel(sample["name"], fontsize=8)
+        depth_image = axes[row, 1].imshow(gt, cmap=depth_cmap, vmin=vmin, vmax=vmax)
+        axes[row, 2].imshow(sample["prediction"], cmap=depth_cmap, vmin=vmin, vmax=vmax)
+        error_image = axes[row, 3].imshow(error, cmap=error_cmap, vmin=0.0, vmax=emax)
+        for column, label in enumerate(("RGB", "ground truth", "prediction", "|error|")):
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+            if row == 0:
+                axes[row, column].set_title(label)
+    fig.colorbar(depth_image, ax=axes[:, 1:3], label="depth (m)", shrink=0.9)
+    fig.colorbar(error_image, ax=axes[:, 3], label="absolute error (m)", shrink=0.9)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _skipped_note(result: dict) -> str | None:
+    skipped = result.get("skipped") or []
+    if not skipped:
+        return None
+    return (f"skipped {len(skipped)} frame(s) without a valid ground-truth pixel "
+            f"({result['protocol']['valid_gt']}): {', '.join(skipped)}")
+
+
+def write_evaluation_outputs(result: dict, output_dir: str | os.PathLike, title: str | None = None) -> dict[str, Path]:
+    """Write metrics.json, metrics.md, per_image_metrics.csv and samples.png; returns their paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    skipped = list(result.get("skipped") or [])
+    payload = {
+        **result["metrics"],
+        "num_images": result["num_images"],
+        "num_skipped": len(skipped),
+        "skipped_frames": skipped,
+        "protocol": result["protocol"],
+    }
+    paths["metrics_json"] = output_dir / "metrics.json"
+    paths["metrics_json"].write_text(json.dumps(payload, indent=2) + "\n")
+
+    protocol = result["protocol"]
+    low, high = protocol["clamp_range_m"]
+    lines = [
+        f"# {title or 'Depth evaluation'}",
+        "",
+        format_metrics_markdown(result["metrics"]),
+        "",
+        f"- images: {result['num_images']}",
+        *([f"- {_skipped_note(result)}"] if skipped else []),
+        f"- dataset: {protocol.get('dataset')}",
+        f"- model: {protocol.get('model')}",
+        f"- crop: {protocol['crop']}; prediction clamped to [{low:g}, {high:g}] m; valid ground truth "
+        f"{protocol['valid_gt']}",
+        f"- prediction resized {protocol['prediction_resize']}; input size {protocol.get('input_size')}; "
+        f"flip averaging: {'yes' if protocol['flip_average'] else 'no'}",
+        f"- averaging: {protocol['averaging']}",
+        "",
+    ]
+    paths["metrics_md"] = output_dir / "metrics.md"
+    paths["metrics_md"].write_text("\n".join(lines))
+
+    paths["per_image_csv"] = output_dir / "per_image_metrics.csv"
+    with open(paths["per_image_csv"], "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["name", *METRIC_KEYS])
+        for record in result["per_image"]:
+            writer.writerow([record["name"], *(f"{record[k]:.6g}" for k in METRIC_KEYS)])
+
+    panel = save_samples_panel(result["samples"], output_dir / "samples.png", title)
+    if panel is not None:
+        paths["samples_png"] = panel
+    return paths
+
+
+def format_result_line(result: dict) -> str:
+    m = result["metrics"]
+    skipped = len(result.get("skipped") or [])
+    return (
+        f"d1={m['d1']:.4f} d2={m['d2']:.4f} d3={m['d3']:.4f} abs_rel={m['abs_rel']:.4f} "
+        f"sq_rel={m['sq_rel']:.4f} rmse={m['rmse']:.4f} rmse_log={m['rmse_log']:.4f} "
+        f"log10={m['log10']:.4f} silog={m['silog']:.4f} ({result['num_images']} images"
+        + (f", {skipped} skipped: no valid pixel" if skipped else "") + ")"
+    )
+
+
+def format_report(result: dict, title: str, seconds: float, paths: dict[str, Path] | None = None) -> str:
+    """The evaluation's closing report: metrics, protocol (crop, clamp range), time and the files written."""
+    protocol = result["protocol"]
+    low, high = protocol["clamp_range_m"]
+    lines = [
+        f"{title}: {format_result_line(result)}",
+        f"metrics averaged {AVERAGING}; crop {protocol['crop']}, clamp [{low:g}, {high:g}] m; {seconds:.1f} s",
+    ]
+    note = _skipped_note(result)
+    if note:
+        lines.append(note)
+    lines += [f"  {key}: {path}" for key, path in (paths or {}).items()]
+    return "\n".join(lines)
