@@ -351,7 +351,7 @@ def test_local_pretrained_clip_initialises_the_backbone_else_a_warning(tmp_path,
     (tmp_path / "other.json").write_text(json.dumps(other))
     args = parser.parse_args(["--config_name", str(tmp_path / "other.json"), "--clip_model", str(tmp_path / "clip")])
     with pytest.raises(SystemExit):
-        train_script.load_or_build_model(args, parser)
+        train_script.load_or_build_model(args, parser, train_script.build_config(str(tmp_path / "other.json")))
     assert "patch_size: model 32 vs CLIP 16" in capsys.readouterr().err
 
     caplog.clear()
@@ -433,12 +433,14 @@ def test_an_80_m_model_trains_and_evaluates_on_its_own_depth_range(run_train, tm
     seen = []  # per training forward: (supervised pixels beyond the NYU range, supervised pixels, deepest label)
     forward = MoADepthCLIPForDepthEstimation.forward
 
-    def spy(self, pixel_values=None, labels=None, **kwargs):
+    def spy(self, *args, **kwargs):
+        outputs = forward(self, *args, **kwargs)
+        labels = kwargs.get("labels")
         if labels is not None:
-            supervised = torch.isfinite(labels) & (labels > self.config.min_depth) & (labels <= self.config.max_depth)
+            supervised = outputs.valid_label_mask  # the pixels the loss was computed on
             seen.append((int((supervised & (labels > nyu_max)).sum()), int(supervised.sum()),
                          float(labels[supervised].max())))
-        return forward(self, pixel_values=pixel_values, labels=labels, **kwargs)
+        return outputs
 
     monkeypatch.setattr(MoADepthCLIPForDepthEstimation, "forward", spy)
     out = tmp_path / "run"
