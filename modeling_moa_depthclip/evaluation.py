@@ -100,24 +100,27 @@ def _check_safetensors(path: Path):
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise ModelLoadError(f"{path} is truncated or empty ({size} bytes): not a complete safetensors file")
+            raise ModelLoadError(f"{path}: cannot read the weights: the file is empty or truncated ({size} bytes)")
         header_size = int.from_bytes(prefix, "little")
         if header_size > size - 8:
             raise ModelLoadError(
-                f"{path} is truncated or not a safetensors file: its header claims {header_size:,} bytes, "
-                f"the file has {size:,}"
+                f"{path}: cannot read the weights: the file is truncated or not safetensors (its header claims "
+                f"{header_size:,} bytes, the file has {size:,})"
             )
         try:
             header = json.loads(handle.read(header_size))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ModelLoadError(f"{path} is not a safetensors file (unreadable header)") from None
+            raise ModelLoadError(f"{path}: cannot read the weights: not a safetensors file (unreadable header)") from None
     try:
         end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError):
-        raise ModelLoadError(f"{path} is not a safetensors file (malformed header)") from None
+        raise ModelLoadError(f"{path}: cannot read the weights: not a safetensors file (malformed header)") from None
     expected = 8 + header_size + int(end)
     if size < expected:
-        raise ModelLoadError(f"{path} is truncated: {size:,} of {expected:,} bytes (an interrupted save or copy?)")
+        raise ModelLoadError(
+            f"{path}: cannot read the weights: the file is truncated ({size:,} of {expected:,} bytes; an interrupted "
+            "save or copy?)"
+        )
 
 
 def _check_weights(folder: Path):

@@ -85,7 +85,7 @@ def test_every_loading_failure_is_one_line_naming_the_file_and_the_reason(checkp
 
     empty = _copy(checkpoint, tmp_path, "empty_weights")
     (empty / "model.safetensors").write_bytes(b"")
-    assert "truncated or empty" in _load_error(empty)
+    assert f"{empty / 'model.safetensors'}: cannot read the weights: the file is empty" in _load_error(empty)
 
     no_weights = _copy(checkpoint, tmp_path, "no_weights")
     (no_weights / "model.safetensors").unlink()
@@ -164,7 +164,8 @@ def test_evaluate_script_fails_in_one_line_before_evaluating(checkpoint, nyu_sam
     truncated = _truncated(checkpoint, tmp_path)
     for model, output_dir, expected in (
         (checkpoint, a_file, f"--output_dir: output folder {a_file} is a file"),
-        (truncated, tmp_path / "out", f"{truncated / 'model.safetensors'} is truncated"),
+        (truncated, tmp_path / "out",
+         f"{truncated / 'model.safetensors'}: cannot read the weights: the file is truncated"),
     ):
         completed = subprocess.run(
             [sys.executable, str(REPO_ROOT / "examples" / "evaluate.py"), "--model", str(model), "--dataset",
