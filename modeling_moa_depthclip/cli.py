@@ -1,16 +1,20 @@
-"""`moa-depthclip` command line: metric depth for image files.
+"""`moa-depthclip` command line: metric depth for image files and folders of images.
 
-    moa-depthclip predict IMAGE... --model PATH_OR_HUB_ID --output-dir DIR [--overwrite]
+    moa-depthclip predict IMAGE_OR_FOLDER... --model PATH_OR_HUB_ID --output-dir DIR [--overwrite]
+                          [--batch-size N] [--dtype float32|bfloat16|float16] [--device DEVICE]
                           [--point-cloud [--fov DEG | --intrinsics nyu|fx,fy,cx,cy]]
+    moa-depthclip --version
 
 Per image it writes `<stem>_depth.png` (uint16, millimetres: the NYU convention), `<stem>_depth.npy` (float32,
 metres) and `<stem>_depth_color.png` (Turbo colour map, near is red); with `--point-cloud` also `<stem>_points.ply`
-(coloured points in metres). A bad image is reported in one line and skipped; the others are still processed.
+(coloured points in metres). A folder stands for its image files, sorted by name. A bad image is reported in one
+line and skipped; the others are still processed. A model that cannot be loaded is one line naming it and why.
 """
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -20,7 +24,8 @@ from .point_cloud import DEFAULT_HFOV_DEG, depth_to_point_cloud, parse_intrinsic
 from .visualization import colorize_depth
 
 
-OUTPUT_SUFFIXES = ("_depth.png", "_depth.npy", "_depth_color.png")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DTYPES = ("float32", "bfloat16", "float16")
 POINT_CLOUD_SUFFIX = "_points.ply"
 
 
@@ -29,20 +34,30 @@ def _fail(message: str, code: int = 2):
     raise SystemExit(code)
 
 
-def load_depth_pipeline(model: str, device: str | None = None):
-    """The depth-estimation pipeline for a local folder or Hub id, or one clear error if it cannot load."""
+def _report(message: str):
+    print(f"moa-depthclip: error: {message}", file=sys.stderr)
+
+
+def load_depth_pipeline(model: str, device: str | None = None, dtype: str | None = None):
+    """The MoA-DepthCLIP depth pipeline for a local folder or Hub id; exits with one line if it cannot load."""
     import torch
-    from transformers import pipeline
 
     from .evaluation import ModelLoadError, load_model_and_processor
+    from .pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        depth_model, image_processor = load_model_and_processor(model)
+        loaded, image_processor = load_model_and_processor(
+            model, dtype=getattr(torch, dtype) if dtype is not None else None
+        )
     except ModelLoadError as error:
         _fail(str(error))
-    return pipeline("depth-estimation", model=depth_model, image_processor=image_processor, device=device)
+    return MoADepthCLIPDepthEstimationPipeline(model=loaded, image_processor=image_processor, device=device)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# outputs: one writer per kind, each `(path, image, depth_metres, args)`
 
 
 def depth_to_millimetres_png(depth_metres: np.ndarray) -> Image.Image:
@@ -51,45 +66,16 @@ def depth_to_millimetres_png(depth_metres: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(millimetres), 0, 65535).astype(np.uint16))
 
 
-def predict(args) -> int:
-    if (args.fov is not None or args.intrinsics is not None) and not args.point_cloud:
-        _fail("--fov and --intrinsics describe the camera for --point-cloud; add --point-cloud")
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    depth_pipeline = load_depth_pipeline(args.model, args.device)
-    failures = 0
-    stems_seen = set()
-    for image_path in args.images:
-        stem = Path(image_path).stem
-        targets = [output_dir / f"{stem}{suffix}" for suffix in OUTPUT_SUFFIXES]
-        if args.point_cloud:
-            targets.append(output_dir / f"{stem}{POINT_CLOUD_SUFFIX}")
-        if stem in stems_seen:
-            print(f"moa-depthclip: error: {image_path}: another input has the same name {stem!r}; skipped",
-                  file=sys.stderr)
-            failures += 1
-            continue
-        stems_seen.add(stem)
-        existing = [str(t) for t in targets if t.exists()]
-        if existing and not args.overwrite:
-            print(f"moa-depthclip: error: {existing[0]} exists (pass --overwrite to replace it); "
-                  f"skipped {image_path}", file=sys.stderr)
-            failures += 1
-            continue
-        try:
-            image = load_image_file(image_path)
-        except ImageLoadError as error:
-            print(f"moa-depthclip: error: {error}", file=sys.stderr)
-            failures += 1
-            continue
-        depth = depth_pipeline(image)["metric_depth"]
-        depth_to_millimetres_png(depth).save(targets[0])
-        np.save(targets[1], depth.astype(np.float32))
-        colorize_depth(depth).save(targets[2])
-        print(f"{image_path}: depth {depth.min():.2f}-{depth.max():.2f} m -> {targets[0]}")
-        if args.point_cloud:
-            write_point_cloud(image, depth, targets[3], fov=args.fov, intrinsics=args.intrinsics)
-    return 1 if failures else 0
+def write_millimetre_png(path, image, depth, args):
+    depth_to_millimetres_png(depth).save(path)
+
+
+def write_metre_npy(path, image, depth, args):
+    np.save(path, depth.astype(np.float32))
+
+
+def write_colour_png(path, image, depth, args):
+    colorize_depth(depth).save(path)
 
 
 def write_point_cloud(image, depth: np.ndarray, path, *, fov=None, intrinsics=None) -> None:
@@ -99,6 +85,131 @@ def write_point_cloud(image, depth: np.ndarray, path, *, fov=None, intrinsics=No
     cloud = depth_to_point_cloud(depth, camera, image)
     write_ply(path, cloud)
     print(f"  {len(cloud)} points ({source}) -> {path}")
+
+
+def write_point_cloud_ply(path, image, depth, args):
+    write_point_cloud(image, depth, path, fov=args.fov, intrinsics=args.intrinsics)
+
+
+class Output(NamedTuple):
+    suffix: str
+    write: Callable
+
+
+# every run writes these; options add theirs in `outputs_for`
+DEPTH_OUTPUTS = (
+    Output("_depth.png", write_millimetre_png),
+    Output("_depth.npy", write_metre_npy),
+    Output("_depth_color.png", write_colour_png),
+)
+OUTPUT_SUFFIXES = tuple(output.suffix for output in DEPTH_OUTPUTS)
+
+
+def outputs_for(args) -> list[Output]:
+    outputs = list(DEPTH_OUTPUTS)
+    if args.point_cloud:
+        outputs.append(Output(POINT_CLOUD_SUFFIX, write_point_cloud_ply))
+    return outputs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def expand_inputs(inputs: list[str], output_dir: Path, output_suffixes) -> tuple[list[str], int]:
+    """Files as given and folders as their image files sorted by name; returns the paths and how many inputs failed.
+
+    Files this command wrote into an input folder (when it is also the output folder) are not inputs."""
+    paths, failures = [], 0
+    for entry in inputs:
+        folder = Path(entry)
+        if not folder.is_dir():
+            paths.append(entry)  # a missing or unreadable file is reported when it is opened
+            continue
+        own_outputs = folder.resolve() == output_dir.resolve()
+        images = sorted(
+            child for child in folder.iterdir()
+            if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES
+            and not (own_outputs and child.name.endswith(tuple(output_suffixes)))
+        )
+        if not images:
+            _report(f"folder {entry} has no image files ({', '.join(IMAGE_SUFFIXES)})")
+            failures += 1
+        paths.extend(str(image) for image in images)
+    return paths, failures
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# predict
+
+
+def predict(args) -> int:
+    from tqdm.auto import tqdm
+
+    if (args.fov is not None or args.intrinsics is not None) and not args.point_cloud:
+        _fail("--fov and --intrinsics describe the camera for --point-cloud; add --point-cloud")
+    output_dir = Path(args.output_dir)
+    outputs = outputs_for(args)
+    paths, failures = expand_inputs(args.images, output_dir, [output.suffix for output in outputs])
+    depth_pipeline = load_depth_pipeline(args.model, args.device, args.dtype)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    # what would be written, decided before any work: a clash or an existing file skips that image
+    planned, stems_seen = [], set()
+    for image_path in paths:
+        stem = Path(image_path).stem
+        targets = [output_dir / f"{stem}{output.suffix}" for output in outputs]
+        if stem in stems_seen:
+            _report(f"{image_path}: another input has the same name {stem!r}; skipped")
+            failures += 1
+            continue
+        stems_seen.add(stem)
+        existing = [str(t) for t in targets if t.exists()]
+        if existing and not args.overwrite:
+            _report(f"{existing[0]} exists (pass --overwrite to replace it); skipped {image_path}")
+            failures += 1
+            continue
+        planned.append((image_path, targets))
+
+    with tqdm(total=len(planned), unit="image", disable=None, file=sys.stderr) as progress:
+        for batch in _batches(planned, args.batch_size):
+            loaded = []
+            for image_path, targets in batch:
+                try:
+                    loaded.append((image_path, targets, load_image_file(image_path)))
+                except ImageLoadError as error:
+                    _report(str(error))
+                    failures += 1
+                    progress.update(1)
+            if not loaded:
+                continue
+            results = depth_pipeline([image for _, _, image in loaded], batch_size=args.batch_size)
+            for (image_path, targets, image), result in zip(loaded, results):
+                depth = result["metric_depth"]
+                for output, target in zip(outputs, targets):
+                    output.write(target, image, depth, args)
+                progress.write(f"{image_path}: depth {depth.min():.2f}-{depth.max():.2f} m -> {targets[0]}")
+                progress.update(1)
+    return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# arguments
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _intrinsics_argument(text: str):
@@ -118,14 +229,39 @@ def _fov_argument(text: str) -> float:
     return value
 
 
+def _version() -> str:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return f"moa-depthclip {__version__} (transformers {transformers.__version__}, torch {torch.__version__})"
+
+
+class _VersionAction(argparse.Action):
+    # imports torch only when asked
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moa-depthclip", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action=_VersionAction, help="print the versions and exit")
     commands = parser.add_subparsers(dest="command", required=True)
-    predict_parser = commands.add_parser("predict", help="predict metric depth for image files")
-    predict_parser.add_argument("images", nargs="+", help="image files")
+    predict_parser = commands.add_parser("predict", help="predict metric depth for image files and folders")
+    predict_parser.add_argument("images", nargs="+", help="image files, or folders of images (sorted by name)")
     predict_parser.add_argument("--model", required=True, help="saved model folder or Hugging Face Hub id")
     predict_parser.add_argument("--output-dir", required=True, help="folder for the depth files")
     predict_parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    predict_parser.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass")
+    predict_parser.add_argument(
+        "--dtype", choices=DTYPES, default=None,
+        help="weights and activations (default: float32 as saved; bfloat16 is faster on recent CPUs and GPUs)",
+    )  # fmt: skip
     predict_parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     predict_parser.add_argument(
         "--point-cloud", action="store_true", help=f"also write <stem>{POINT_CLOUD_SUFFIX}, the coloured 3D points"

@@ -69,6 +69,106 @@ def test_a_missing_model_is_one_line(tmp_path, nyu_sample_dir, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
+def test_folders_batches_and_dtype(checkpoint, nyu_sample_dir, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = ["b.png", "a.png", "c.jpg"]
+    for name, frame in zip(names, ["00000", "00008", "00014"]):
+        Image.open(nyu_sample_dir / f"{frame}_colors.png").convert("RGB").save(photos / name)
+    (photos / "notes.txt").write_text("not an image")
+    one = tmp_path / "one"
+    assert main(["predict", str(photos), "--model", str(checkpoint), "--output-dir", str(one)]) == 0
+    printed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if "depth" in line]
+    assert printed == [str(photos / n) for n in ("a.png", "b.png", "c.jpg")]  # the folder's images, sorted
+    batched = tmp_path / "batched"
+    assert main(["predict", str(photos), "--model", str(checkpoint), "--output-dir", str(batched),
+                 "--batch-size", "2"]) == 0
+    for stem in ("a", "b", "c"):
+        np.testing.assert_allclose(np.load(batched / f"{stem}_depth.npy"), np.load(one / f"{stem}_depth.npy"),
+                                   atol=1e-4)
+    assert not (one / "notes_depth.npy").exists()
+    bf16 = tmp_path / "bf16"
+    assert main(["predict", str(photos / "a.png"), "--model", str(checkpoint), "--output-dir", str(bf16),
+                 "--dtype", "bfloat16"]) == 0
+    depth = np.load(bf16 / "a_depth.npy")
+    assert depth.dtype == np.float32
+    assert not np.array_equal(depth, np.load(one / "a_depth.npy"))  # really ran in bf16
+    np.testing.assert_allclose(depth, np.load(one / "a_depth.npy"), rtol=0.05, atol=0.05)
+    # the output folder inside the input folder: its own outputs are not read as inputs on a second run
+    assert main(["predict", str(photos), "--model", str(checkpoint), "--output-dir", str(photos)]) == 0
+    assert main(["predict", str(photos), "--model", str(checkpoint), "--output-dir", str(photos),
+                 "--overwrite"]) == 0
+    assert not (photos / "a_depth_depth.npy").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_batch_size_must_be_positive(value, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["predict", "x.png", "--model", "m", "--output-dir", str(tmp_path), "--batch-size", value])
+    assert "--batch-size" in capsys.readouterr().err
+
+
+def test_an_empty_folder_is_reported_and_the_rest_still_runs(checkpoint, nyu_sample_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(["predict", str(empty), str(nyu_sample_dir / "00000_colors.png"), "--model", str(checkpoint),
+                 "--output-dir", str(tmp_path / "out")])
+    assert code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moa-depthclip:")]
+    assert len(err) == 1 and str(empty) in err[0] and "no image files" in err[0]
+    assert (tmp_path / "out" / "00000_colors_depth.npy").is_file()
+
+
+def test_version(capsys):
+    from modeling_moa_depthclip import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"moa-depthclip {__version__} ") and "transformers" in out and out.count("\n") == 1
+
+
+def _one_error_line(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_a_folder_that_is_not_a_depth_model_is_one_line(tmp_path, nyu_sample_dir, capsys):
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                         vocab_size=50)).save_pretrained(bert)
+    capsys.readouterr()
+    err = _one_error_line(capsys, ["predict", str(nyu_sample_dir / "00000_colors.png"), "--model", str(bert),
+                                   "--output-dir", str(tmp_path / "out")])
+    assert str(bert) in err and "not a depth model" in err
+
+
+def test_missing_or_truncated_weights_are_one_line(checkpoint, tmp_path, nyu_sample_dir, capsys):
+    import shutil
+
+    image = str(nyu_sample_dir / "00000_colors.png")
+    missing = tmp_path / "missing"
+    shutil.copytree(checkpoint, missing)
+    (missing / "model.safetensors").unlink()
+    err = _one_error_line(capsys, ["predict", image, "--model", str(missing), "--output-dir", str(tmp_path / "o")])
+    assert str(missing) in err and "model.safetensors" in err
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(checkpoint, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    err = _one_error_line(capsys, ["predict", image, "--model", str(truncated), "--output-dir", str(tmp_path / "o")])
+    assert str(truncated) in err and "truncated" in err
+    assert not (tmp_path / "o").exists()  # nothing written for a model that did not load
+
+
 def test_console_script_is_installed_and_answers():
     script = Path(sys.executable).parent / "moa-depthclip"
     script = str(script) if script.exists() else shutil.which("moa-depthclip")
