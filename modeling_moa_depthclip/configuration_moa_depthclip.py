@@ -15,6 +15,8 @@ DEPTHCLIP_DEPTH_WORDS = [
     "unseen",
 ]
 DEPTHCLIP_PROMPTS = [f"This object is {word}" for word in DEPTHCLIP_DEPTH_WORDS]
+# DepthCLIP's depth in metres for each of its words, in the same order
+DEPTHCLIP_BIN_DEPTHS = [1.00, 1.50, 2.00, 2.25, 2.50, 2.75, 3.00]
 
 # OpenAI CLIP ViT-B/32 vision tower, exactly as `openai/clip-vit-base-patch32` ships it.
 CLIP_VIT_B32_VISION = dict(
@@ -54,6 +56,7 @@ CUSTOM_PIPELINES = {
 _LOADED_AS_REMOTE_CODE = __name__.startswith(TRANSFORMERS_DYNAMIC_MODULE_NAME + ".")
 
 DECODERS = ("multiscale", "paper")
+HEADS = ("hybrid", "classification", "regression", "depthclip")
 ROUTER_TYPES = ("soft", "topk")
 BIN_SPACINGS = ("linear", "log")
 ROUTER_AUX_LOSSES = ("balance", "entropy")
@@ -66,18 +69,24 @@ class MoADepthCLIPConfig(PreTrainedConfig):
     Args:
         vision_config (`dict` or `CLIPVisionConfig`, *optional*):
             The CLIP vision tower. Defaults to OpenAI CLIP ViT-B/32.
-        moa_layers (`list[int]`, *optional*, defaults to `[2, 5, 8, 11]`):
+        moa_layers (`list[int]`, *optional*, defaults to `[2, 5, 8, 11]` (`[]` for `head="depthclip"`)):
             Encoder blocks after whose output a Mixture-of-Adapters is applied. Their adapted patch tokens feed the
             decoder.
-        num_unfrozen_layers (`int`, *optional*, defaults to 4):
+        num_unfrozen_layers (`int`, *optional*, defaults to 4 (0 for `head="depthclip"`)):
             How many of the last encoder blocks are trained; every other CLIP weight stays frozen.
-        num_experts (`int`, *optional*, defaults to 4): Adapter experts per MoA module.
+        num_experts (`int`, *optional*, defaults to 4):
+            Adapter experts per MoA module. 1 is a single adapter per block (the authors' prototype: the router and
+            the semantic context then have no effect and are not trained); 0 applies no adapter at all, the blocks
+            of `moa_layers` only hand their tokens to the decoder.
         adapter_bottleneck (`int`, *optional*, defaults to 64): Hidden width of each expert.
         router_hidden_size (`int`, *optional*, defaults to 128): Hidden width of the per-token router.
         router_type (`str`, *optional*, defaults to `"soft"`):
             `"soft"` mixes all experts by the softmax gate; `"topk"` keeps the `router_top_k` largest gates,
             renormalised.
         router_top_k (`int`, *optional*, defaults to 2): Experts kept per token when `router_type="topk"`.
+        prompt_guided_router (`bool`, *optional*, defaults to `True`):
+            Whether each router also sees the image's global semantic context. `False` routes every token by itself
+            alone (the routers have no `context_proj`, the semantic context is not computed or trained).
         router_aux_loss (`str`, *optional*, defaults to `"balance"`):
             Auxiliary router loss: `"balance"` (Switch-Transformer load balancing) or `"entropy"` (mean per-token
             gate entropy, pushing towards confident routing).
@@ -96,6 +105,18 @@ class MoADepthCLIPConfig(PreTrainedConfig):
             `"multiscale"` fuses the MoA layers' features with an RGB detail stem and predicts at a quarter of the
             input resolution; `"paper"` predicts on the ViT patch grid (7x7 at 224x224) and upsamples.
         decoder_hidden_size (`int`, *optional*, defaults to 128): Channels of the multi-scale decoder.
+        head (`str`, *optional*, defaults to `"hybrid"`):
+            `"hybrid"` fuses depth-bin classification and regression per pixel; `"classification"` and
+            `"regression"` keep one branch. `"depthclip"` is DepthCLIP's zero-shot rule on the ViT (no decoder, no
+            adapters, nothing trained): each last-layer patch token goes through CLIP's `post_layernorm` and visual
+            projection, its cosine with each prompt's text features times `depthclip_logit_scale`, divided by
+            `depthclip_temperature`, is softmaxed over the prompts, and the depth is the expectation of
+            `depthclip_bin_depths` on the patch grid, upsampled bilinearly to the input size.
+        depthclip_bin_depths (`list[float]`, *optional*):
+            Depth in metres of each prompt for `head="depthclip"`. Defaults to DepthCLIP's
+            (1.00, 1.50, 2.00, 2.25, 2.50, 2.75, 3.00) for its seven prompts.
+        depthclip_logit_scale (`float`, *optional*, defaults to 100.0): Scale of the cosines (CLIP's, as DepthCLIP).
+        depthclip_temperature (`float`, *optional*, defaults to 0.1): Softmax temperature of DepthCLIP.
         loss_weights (`dict[str, float]`, *optional*): Weights of `bin_ce`, `l1`, `silog`, `gradient`, `ssim`.
         silog_lambda (`float`, *optional*, defaults to 0.85): Variance focus of the SILog loss.
         checkpoint_frozen_layers (`bool`, *optional*, defaults to `True`):
@@ -126,12 +147,13 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         self,
         vision_config=None,
         moa_layers=None,
-        num_unfrozen_layers=4,
+        num_unfrozen_layers=None,
         num_experts=4,
         adapter_bottleneck=64,
         router_hidden_size=128,
         router_type="soft",
         router_top_k=2,
+        prompt_guided_router=True,
         router_aux_loss="balance",
         router_aux_loss_coef=0.0,
         depth_prompts=None,
@@ -143,6 +165,10 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         bin_spacing="log",
         decoder="multiscale",
         decoder_hidden_size=128,
+        head="hybrid",
+        depthclip_bin_depths=None,
+        depthclip_logit_scale=100.0,
+        depthclip_temperature=0.1,
         loss_weights=None,
         silog_lambda=0.85,
         checkpoint_frozen_layers=True,
@@ -158,13 +184,16 @@ class MoADepthCLIPConfig(PreTrainedConfig):
                 f"vision_config must be a dict or a CLIPVisionConfig, got {type(vision_config).__name__}"
             )
         self.vision_config = vision_config
-        self.moa_layers = list(moa_layers) if moa_layers is not None else [2, 5, 8, 11]
-        self.num_unfrozen_layers = num_unfrozen_layers
+        self.head = head
+        zero_shot = head == "depthclip"
+        self.moa_layers = list(moa_layers) if moa_layers is not None else ([] if zero_shot else [2, 5, 8, 11])
+        self.num_unfrozen_layers = num_unfrozen_layers if num_unfrozen_layers is not None else (0 if zero_shot else 4)
         self.num_experts = num_experts
         self.adapter_bottleneck = adapter_bottleneck
         self.router_hidden_size = router_hidden_size
         self.router_type = router_type
         self.router_top_k = router_top_k
+        self.prompt_guided_router = bool(prompt_guided_router)
         self.router_aux_loss = router_aux_loss
         self.router_aux_loss_coef = router_aux_loss_coef
         self.depth_prompts = list(depth_prompts) if depth_prompts is not None else list(DEPTHCLIP_PROMPTS)
@@ -178,6 +207,11 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         self.bin_spacing = bin_spacing
         self.decoder = decoder
         self.decoder_hidden_size = decoder_hidden_size
+        if depthclip_bin_depths is None and zero_shot and self.depth_prompts == DEPTHCLIP_PROMPTS:
+            depthclip_bin_depths = DEPTHCLIP_BIN_DEPTHS
+        self.depthclip_bin_depths = [float(d) for d in depthclip_bin_depths] if depthclip_bin_depths else None
+        self.depthclip_logit_scale = float(depthclip_logit_scale)
+        self.depthclip_temperature = float(depthclip_temperature)
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
         self.silog_lambda = silog_lambda
         self.checkpoint_frozen_layers = bool(checkpoint_frozen_layers)
@@ -195,7 +229,10 @@ class MoADepthCLIPConfig(PreTrainedConfig):
     def validate_moa_config(self):
         """Raise a `ValueError` naming the field and its allowed range for any value the model cannot be built with."""
         num_layers = self.vision_config.num_hidden_layers
-        if not self.moa_layers:
+        _check_choice("head", self.head, HEADS)
+        if self.head == "depthclip":
+            self._validate_depthclip()
+        elif not self.moa_layers:
             raise ValueError("moa_layers must name at least one encoder block, got an empty list")
         for index in self.moa_layers:
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < num_layers:
@@ -208,7 +245,7 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         if sorted(self.moa_layers) != self.moa_layers:
             raise ValueError(f"moa_layers must be in increasing order, got {self.moa_layers}")
         _check_int("num_unfrozen_layers", self.num_unfrozen_layers, 0, num_layers)
-        _check_int("num_experts", self.num_experts, 1, None)
+        _check_int("num_experts", self.num_experts, 0, None)
         _check_int("adapter_bottleneck", self.adapter_bottleneck, 1, None)
         _check_int("router_hidden_size", self.router_hidden_size, 1, None)
         _check_int("context_dim", self.context_dim, 1, None)
@@ -219,7 +256,7 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         _check_choice("router_aux_loss", self.router_aux_loss, ROUTER_AUX_LOSSES)
         _check_choice("bin_spacing", self.bin_spacing, BIN_SPACINGS)
         _check_choice("decoder", self.decoder, DECODERS)
-        if self.router_type == "topk":
+        if self.router_type == "topk" and self.num_experts > 0:
             _check_int("router_top_k", self.router_top_k, 1, self.num_experts)
         if self.router_aux_loss_coef < 0:
             raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
@@ -249,6 +286,32 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         output["custom_pipelines"] = CUSTOM_PIPELINES
         return output
 
+    def _validate_depthclip(self):
+        if self.moa_layers or self.num_unfrozen_layers:
+            raise ValueError(
+                f'head="depthclip" is zero-shot: moa_layers must be [] and num_unfrozen_layers 0, got '
+                f"moa_layers={self.moa_layers} and num_unfrozen_layers={self.num_unfrozen_layers}"
+            )
+        depths = self.depthclip_bin_depths
+        if depths is None or len(depths) != len(self.depth_prompts):
+            raise ValueError(
+                f'head="depthclip" needs depthclip_bin_depths with one depth per prompt ({len(self.depth_prompts)} '
+                f"prompts), got {depths}"
+            )
+        outside = [d for d in depths if not self.min_depth <= d <= self.max_depth]
+        if outside:
+            raise ValueError(
+                f"depthclip_bin_depths {outside} lie outside [min_depth, max_depth] = "
+                f"[{self.min_depth}, {self.max_depth}]"
+            )
+        if not self.depthclip_temperature > 0:
+            raise ValueError(f"depthclip_temperature must be > 0, got {self.depthclip_temperature}")
+
+    @property
+    def uses_semantic_context(self) -> bool:
+        """Whether the global semantic context can change the depth (it feeds routers that mix several experts)."""
+        return self.head != "depthclip" and self.num_experts > 1 and self.prompt_guided_router
+
     @property
     def trainable_layer_indices(self) -> list[int]:
         num_layers = self.vision_config.num_hidden_layers
@@ -266,4 +329,4 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-__all__ = ["MoADepthCLIPConfig", "DEPTHCLIP_PROMPTS"]
+__all__ = ["MoADepthCLIPConfig", "DEPTHCLIP_BIN_DEPTHS", "DEPTHCLIP_PROMPTS"]

@@ -199,13 +199,15 @@ class DepthLoss:
         return valid_depth_mask(labels, self.config.max_depth, self.config.min_depth)
 
     def router_aux_loss(self, gates_per_layer) -> torch.Tensor:
+        if not gates_per_layer:  # no Mixture-of-Adapters
+            return torch.zeros(())
         term = router_entropy_loss if self.config.router_aux_loss == "entropy" else router_balance_loss
         return torch.stack([term(gates) for gates in gates_per_layer]).mean()
 
     def __call__(self, predicted_depth, bin_logits, labels, gates_per_layer) -> DepthLossOutput:
-        """`predicted_depth` `[batch, H, W]` in metres, `bin_logits` `[batch, bins, h, w]`, `labels` `[batch, H', W']`
-        (or `[batch, 1, H', W']`) in metres, `gates_per_layer` the router gates `[batch, tokens, experts]` of each
-        MoA layer."""
+        """`predicted_depth` `[batch, H, W]` in metres, `bin_logits` `[batch, bins, h, w]` (None for a head without
+        the bin classifier: no `bin_ce` term), `labels` `[batch, H', W']` (or `[batch, 1, H', W']`) in metres,
+        `gates_per_layer` the router gates `[batch, tokens, experts]` of each MoA layer (none: no router term)."""
         config = self.config
         if labels.dim() == 4 and labels.shape[1] == 1:
             labels = labels.squeeze(1)
@@ -220,16 +222,18 @@ class DepthLoss:
             prediction = F.interpolate(prediction.unsqueeze(1), size=labels.shape[-2:], mode="bilinear").squeeze(1)
         mask = self.valid_mask(labels)
 
-        grid_depth, grid_mask = resize_depth_to_grid(labels, mask, tuple(bin_logits.shape[-2:]))
-        terms = {
-            "bin_ce": bin_cross_entropy_loss(
+        terms = {}
+        if bin_logits is not None:
+            grid_depth, grid_mask = resize_depth_to_grid(labels, mask, tuple(bin_logits.shape[-2:]))
+            terms["bin_ce"] = bin_cross_entropy_loss(
                 bin_logits, grid_depth, grid_mask, depth_bin_edges(config, device=labels.device)
-            ),
+            )
+        terms.update({
             "l1": l1_loss(prediction, labels, mask),
             "silog": silog_loss(prediction, labels, mask, variance_focus=config.silog_lambda),
             "gradient": gradient_loss(prediction, labels, mask),
             "ssim": ssim_loss(prediction, labels, mask, max_depth=config.max_depth),
-        }
+        })  # fmt: skip
         router_aux = self.router_aux_loss(gates_per_layer)
         loss = sum(config.loss_weights[name] * value for name, value in terms.items())
         if config.router_aux_loss_coef > 0:

@@ -77,8 +77,9 @@ class GlobalSemanticContext(nn.Module):
         # CLIP text features of `config.depth_prompts`, L2-normalised; written by the conversion script.
         self.register_buffer("prompt_embeddings", torch.zeros(len(config.depth_prompts), embed_dim), persistent=True)
         self.image_projection = nn.Linear(hidden_size, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))
-        self.fuse = nn.Sequential(nn.Linear(2 * embed_dim, config.context_dim), nn.GELU())
+        if config.head != "depthclip":  # the zero-shot head uses only the projection and the prompts
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))
+            self.fuse = nn.Sequential(nn.Linear(2 * embed_dim, config.context_dim), nn.GELU())
 
     def forward(self, cls_token: torch.Tensor, post_layernorm: nn.Module):
         image_embedding = F.normalize(self.image_projection(post_layernorm(cls_token)), dim=-1)
@@ -100,12 +101,16 @@ class PromptGuidedRouter(nn.Module):
         super().__init__()
         hidden_size = config.vision_config.hidden_size
         self.token_proj = nn.Linear(hidden_size, config.router_hidden_size)
-        self.context_proj = nn.Linear(config.context_dim, config.router_hidden_size, bias=False)
+        if config.prompt_guided_router:
+            self.context_proj = nn.Linear(config.context_dim, config.router_hidden_size, bias=False)
         self.gate = nn.Linear(config.router_hidden_size, config.num_experts)
         self.top_k = config.router_top_k if config.router_type == "topk" else None
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        hidden = F.relu(self.token_proj(hidden_states) + self.context_proj(context).unsqueeze(1))
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        hidden = self.token_proj(hidden_states)
+        if context is not None:
+            hidden = hidden + self.context_proj(context).unsqueeze(1)
+        hidden = F.relu(hidden)
         gates = self.gate(hidden).float().softmax(dim=-1)
         if self.top_k is not None and self.top_k < gates.shape[-1]:
             top_values, top_indices = gates.topk(self.top_k, dim=-1)
@@ -292,31 +297,65 @@ class HybridDepthHead(nn.Module):
     classification: expected depth `sum_k softmax(logits)_k * center_k` over `num_depth_bins` bins;
     regression: `sigmoid` mapped onto [min_depth, max_depth] (in log depth for log-spaced bins);
     fused: `w * classification + (1 - w) * regression`, `w = sigmoid(gate)`. Both branches lie in
-    [min_depth, max_depth], so the fused depth does too.
+    [min_depth, max_depth], so the fused depth does too. `config.head="classification"` or `"regression"` builds
+    only that branch (the head ablations); the missing outputs are None.
     """
 
     def __init__(self, config: MoADepthCLIPConfig, in_channels: int):
         super().__init__()
         self.config = config
-        self.bin_classifier = nn.Conv2d(in_channels, config.num_depth_bins, 1)
-        self.regressor = nn.Conv2d(in_channels, 1, 1)
-        self.fusion_gate = nn.Conv2d(in_channels, 1, 1)
+        if config.head in ("hybrid", "classification"):
+            self.bin_classifier = nn.Conv2d(in_channels, config.num_depth_bins, 1)
+        if config.head in ("hybrid", "regression"):
+            self.regressor = nn.Conv2d(in_channels, 1, 1)
+        if config.head == "hybrid":
+            self.fusion_gate = nn.Conv2d(in_channels, 1, 1)
 
     def forward(self, features: torch.Tensor):
         config = self.config
-        bin_logits = self.bin_classifier(features)
-        centers = depth_bin_centers(config, device=features.device, dtype=torch.float32)
-        probs = bin_logits.float().softmax(dim=1)
-        classification = torch.einsum("bkhw,k->bhw", probs, centers)
-        unit = torch.sigmoid(self.regressor(features).float()).squeeze(1)
-        if config.bin_spacing == "log":
-            low, high = math.log(config.min_depth), math.log(config.max_depth)
-            regression = torch.exp(low + unit * (high - low))
+        bin_logits = classification = regression = weight = None
+        if config.head in ("hybrid", "classification"):
+            bin_logits = self.bin_classifier(features)
+            centers = depth_bin_centers(config, device=features.device, dtype=torch.float32)
+            probs = bin_logits.float().softmax(dim=1)
+            classification = torch.einsum("bkhw,k->bhw", probs, centers)
+        if config.head in ("hybrid", "regression"):
+            unit = torch.sigmoid(self.regressor(features).float()).squeeze(1)
+            if config.bin_spacing == "log":
+                low, high = math.log(config.min_depth), math.log(config.max_depth)
+                regression = torch.exp(low + unit * (high - low))
+            else:
+                regression = config.min_depth + unit * (config.max_depth - config.min_depth)
+        if config.head == "hybrid":
+            weight = torch.sigmoid(self.fusion_gate(features).float()).squeeze(1)
+            depth = weight * classification + (1 - weight) * regression
         else:
-            regression = config.min_depth + unit * (config.max_depth - config.min_depth)
-        weight = torch.sigmoid(self.fusion_gate(features).float()).squeeze(1)
-        depth = weight * classification + (1 - weight) * regression
+            depth = classification if classification is not None else regression
         return depth, classification, regression, weight, bin_logits
+
+
+class DepthCLIPZeroShotHead(nn.Module):
+    """DepthCLIP's zero-shot depth on a ViT: every patch token is scored against the depth prompts like CLIP
+    zero-shot classification, and its depth is the expectation of the prompts' depths.
+
+    `softmax_k(depthclip_logit_scale * cos(proj(ln(token)), text_k) / depthclip_temperature) . bin_depths`, with
+    CLIP's own `post_layernorm` and visual projection and the prompts' CLIP text features (`semantic_context`).
+    It has no parameters of its own.
+    """
+
+    def __init__(self, config: MoADepthCLIPConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, last_hidden_state, grid, post_layernorm, semantic_context):
+        config = self.config
+        patches = F.normalize(semantic_context.image_projection(post_layernorm(last_hidden_state[:, 1:])), dim=-1)
+        prompts = semantic_context.prompt_embeddings.to(patches.dtype)
+        logits = config.depthclip_logit_scale * patches @ prompts.t() / config.depthclip_temperature
+        probs = logits.float().softmax(dim=-1)
+        bin_depths = torch.tensor(config.depthclip_bin_depths, device=probs.device, dtype=probs.dtype)
+        depth = (probs @ bin_depths).unflatten(1, grid)
+        return depth, logits.transpose(1, 2).unflatten(2, grid)
 
 
 def _check_model_type(source, model_type: str):
@@ -371,7 +410,8 @@ class MoADepthCLIPPreTrainedModel(PreTrainedModel):
             generator = torch.Generator().manual_seed(0)
             random = torch.randn(module.prompt_embeddings.shape, generator=generator)
             init.copy_(module.prompt_embeddings, F.normalize(random, dim=-1))
-            init.constant_(module.logit_scale, math.log(100.0))
+            if hasattr(module, "logit_scale"):
+                init.constant_(module.logit_scale, math.log(100.0))
 
 
 class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
@@ -386,9 +426,14 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         super().__init__(config)
         self.vision_model = CLIPVisionModel._from_config(config.vision_config)
         self.semantic_context = GlobalSemanticContext(config)
-        self.moa = nn.ModuleDict({str(index): MixtureOfAdapters(config) for index in config.moa_layers})
-        self.decoder = MultiScaleDepthDecoder(config) if config.decoder == "multiscale" else PatchGridDecoder(config)
-        self.head = HybridDepthHead(config, self.decoder.out_channels)
+        if config.head == "depthclip":
+            self.head = DepthCLIPZeroShotHead(config)
+        else:
+            experts = config.num_experts > 0
+            self.moa = nn.ModuleDict({str(i): MixtureOfAdapters(config) for i in config.moa_layers if experts})
+            decoder = MultiScaleDepthDecoder if config.decoder == "multiscale" else PatchGridDecoder
+            self.decoder = decoder(config)
+            self.head = HybridDepthHead(config, self.decoder.out_channels)
         self.depth_loss = DepthLoss(config)
         self.post_init()
         self.apply_trainable_mask()
@@ -422,7 +467,16 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         return loaded
 
     def is_trainable_parameter(self, name: str) -> bool:
-        """Everything outside the CLIP tower trains; inside it, only the last `num_unfrozen_layers` blocks."""
+        """Everything outside the CLIP tower that can change the depth trains; inside it, only the last
+        `num_unfrozen_layers` blocks. Nothing trains with `head="depthclip"`; the semantic context trains only if
+        it guides routers of several experts, and the routers only if there are several experts to route to."""
+        config = self.config
+        if config.head == "depthclip":
+            return False
+        if name.startswith("semantic_context."):
+            return config.uses_semantic_context
+        if ".router." in name and name.startswith("moa."):
+            return config.num_experts > 1
         if not name.startswith("vision_model."):
             return True
         return any(
@@ -451,7 +505,7 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
                 break
             count += 1
         # the first MoA's router needs the graph from its own block's output onwards, not before
-        return min(count, self.config.moa_layers[0] + 1)
+        return min(count, self.config.moa_layers[0] + 1) if self.config.moa_layers else count
 
     def forward(
         self,
@@ -473,6 +527,8 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         pixel_values = self._check_pixel_values(pixel_values)
+        if self.config.head == "depthclip":
+            return self._zero_shot_forward(pixel_values, labels, output_hidden_states, return_dict)
         batch_size, _, height, width = pixel_values.shape
         vision = self.vision_model
         patch_size = self.config.vision_config.patch_size
@@ -483,6 +539,7 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         recompute_frozen = self.config.checkpoint_frozen_layers and self.training and torch.is_grad_enabled()
         all_hidden_states = []
         patch_tokens, gates_per_layer = [], []
+        moa_layers = set(self.config.moa_layers)
         prompt_probs = None
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_prefix == 0):
@@ -501,9 +558,12 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
                 else:
                     hidden_states = layer(hidden_states, None)
             if str(index) in self.moa:
-                context, prompt_probs = self.semantic_context(hidden_states[:, 0], vision.post_layernorm)
+                context = None
+                if self.config.prompt_guided_router:
+                    context, prompt_probs = self.semantic_context(hidden_states[:, 0], vision.post_layernorm)
                 hidden_states, gates = self.moa[str(index)](hidden_states, context)
                 gates_per_layer.append(gates)
+            if index in moa_layers:
                 patch_tokens.append(hidden_states[:, 1:])
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
@@ -513,7 +573,7 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         predicted_depth = F.interpolate(depth.unsqueeze(1), size=(height, width), mode="bilinear").squeeze(1)
         predicted_depth = predicted_depth.clamp(self.config.min_depth, self.config.max_depth)
 
-        router_probs = torch.stack([g.mean(dim=1) for g in gates_per_layer], dim=1)
+        router_probs = torch.stack([g.mean(dim=1) for g in gates_per_layer], dim=1) if gates_per_layer else None
 
         loss_output = None
         if labels is not None:
@@ -534,6 +594,36 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
             router_probs=router_probs,
             prompt_probs=prompt_probs,
             router_aux_loss=loss_output.router_aux_loss if loss_output is not None else None,
+            loss_components=loss_output.components if loss_output is not None else None,
+            valid_label_mask=loss_output.valid_mask if loss_output is not None else None,
+        )
+
+    def _zero_shot_forward(self, pixel_values, labels, output_hidden_states, return_dict):
+        """`head="depthclip"`: the stock CLIP tower, then DepthCLIP's rule on the patch grid (no MoA, no decoder)."""
+        height, width = pixel_values.shape[-2:]
+        patch_size, image_size = self.config.vision_config.patch_size, self.config.vision_config.image_size
+        outputs = self.vision_model(
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=(height, width) != (image_size, image_size),
+        )
+        grid = (height // patch_size, width // patch_size)
+        depth, prompt_logits = self.head(
+            outputs.last_hidden_state, grid, self.vision_model.post_layernorm, self.semantic_context
+        )
+        predicted_depth = F.interpolate(depth.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
+        predicted_depth = predicted_depth.squeeze(1)
+        loss_output = self.depth_loss(predicted_depth, None, labels, []) if labels is not None else None
+        loss = loss_output.loss if loss_output is not None else None
+        if not return_dict:
+            output = (predicted_depth,) + ((outputs.hidden_states,) if output_hidden_states else ())
+            return ((loss,) + output) if loss is not None else output
+        return MoADepthCLIPDepthEstimatorOutput(
+            loss=loss,
+            predicted_depth=predicted_depth,
+            hidden_states=outputs.hidden_states if output_hidden_states else None,
+            classification_depth=depth,
+            bin_logits=prompt_logits,
             loss_components=loss_output.components if loss_output is not None else None,
             valid_label_mask=loss_output.valid_mask if loss_output is not None else None,
         )
