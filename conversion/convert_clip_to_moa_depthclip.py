@@ -19,6 +19,10 @@ also with `trust_remote_code=True` where the package is not installed):
 * config.json (with `auto_map`), model.safetensors, preprocessor_config.json, the package's code files and a
   README.md model card rendered from MODEL_CARD.md ("no evaluation yet").
 
+`--zero_shot` writes DepthCLIP's zero-shot baseline on the same CLIP instead (`head="depthclip"`: the vision tower,
+its projection and the text features of the seven DepthCLIP prompts, no adapters, no decoder, nothing to train;
+see `MoADepthCLIPConfig.head`), which the pipeline, the evaluation and the exporters run like any other checkpoint.
+
 The folder is written to a temporary sibling first, reloaded and checked (prompt embeddings, vision weights and
 every other tensor equal what was meant to be written), and only then moved into place.
 """
@@ -77,15 +81,33 @@ class ConversionResult:
                 f"patch {vision.patch_size}, {vision.hidden_act}",
                 f"  prompt embeddings: {len(self.config.depth_prompts)} x {self.config.prompt_embedding_dim} "
                 f"(text tower of the source, tokenizer {self.tokenizer})",
-                f"  MoA:               blocks {self.config.moa_layers}, {self.config.num_experts} experts, "
-                f"bottleneck {self.config.adapter_bottleneck}; decoder {self.config.decoder}",
+                (
+                    f"  MoA:               blocks {self.config.moa_layers}, {self.config.num_experts} experts, "
+                    f"bottleneck {self.config.adapter_bottleneck}; decoder {self.config.decoder}"
+                    if self.config.head != "depthclip"
+                    else f"  head:              DepthCLIP zero-shot, prompt depths {self.config.depthclip_bin_depths} m"
+                ),
                 f"  parameters:        {self.parameters}",
                 *(f"  self-check:        {check}" for check in self.checks),
             ]
         )
 
 
-def checkpoint_status(source: str, layout: str, source_format: str, seed: int) -> str:
+# MoA options that mean nothing for the zero-shot model (it has no adapters, decoder or bins)
+_NOT_ZERO_SHOT = ("moa_layers", "num_experts", "adapter_bottleneck", "num_unfrozen_layers", "num_depth_bins",
+                  "bin_spacing", "decoder")  # fmt: skip
+
+
+def checkpoint_status(source: str, layout: str, source_format: str, seed: int, zero_shot: bool = False) -> str:
+    if zero_shot:
+        return (
+            f"**DepthCLIP zero-shot baseline, no training.** This checkpoint was written by "
+            f"`python -m conversion.convert_clip_to_moa_depthclip --zero_shot` from the CLIP checkpoint "
+            f"`{display_name(source, source_format)}` ({SOURCE_FORMATS[source_format]}, {layout} layout). It scores "
+            f"every image patch against CLIP text features of the DepthCLIP prompts and predicts the "
+            f"probability-weighted prompt depths (`head=\"depthclip\"`); it has no trainable part. It is the "
+            f"baseline of the paper's comparison, not MoA-DepthCLIP."
+        )
     return (
         f"**Converted, not trained.** This checkpoint was written by `conversion/convert_clip_to_moa_depthclip.py` "
         f"from the CLIP checkpoint `{display_name(source, source_format)}` ({SOURCE_FORMATS[source_format]}, "
@@ -113,17 +135,28 @@ def convert(
     overwrite: bool = False,
     model_name: str | None = None,
     model_id: str | None = None,
+    zero_shot: bool = False,
     **moa_options,
 ) -> ConversionResult:
     """Convert the CLIP checkpoint `clip_model` into a MoA-DepthCLIP folder at `output_dir` (see the module doc).
 
     `moa_options` are the `MoADepthCLIPConfig` fields of :data:`MOA_OPTIONS`; None keeps the default.
     `hidden_act` is for raw OpenAI/open_clip files (their weights do not record it; default `quick_gelu`).
+    `zero_shot` writes the DepthCLIP zero-shot model instead (`head="depthclip"`).
     """
+    config_kwargs = moa_config_kwargs(moa_options)
+    if zero_shot:
+        conflicting = [f"--{name}" for name in _NOT_ZERO_SHOT if name in config_kwargs]
+        if conflicting:
+            raise ConversionError(
+                f"--zero_shot writes DepthCLIP's zero-shot model, which has no adapters, decoder or depth bins: "
+                f"drop {' '.join(conflicting)}"
+            )
+        config_kwargs["head"] = "depthclip"
     output = prepare_output_dir(output_dir, overwrite)
     model, clip = model_from_clip(
         clip_model, seed=seed, tokenizer=tokenizer, trust_torchscript=trust_torchscript, hidden_act=hidden_act,
-        **moa_config_kwargs(moa_options),
+        **config_kwargs,
     )  # fmt: skip
     config = model.config
     processor = MoADepthCLIPImageProcessor(
@@ -138,7 +171,7 @@ def convert(
         model_name=name,
         model_id=model_id or name,
         base_model=str(clip_model) if checkpoint_format == "hub" else None,
-        checkpoint_status=checkpoint_status(str(clip_model), layout, checkpoint_format, seed),
+        checkpoint_status=checkpoint_status(str(clip_model), layout, checkpoint_format, seed, zero_shot),
         details={
             **config_details(config, tuple(image_size)),
             "converted from": f"`{display_name(str(clip_model), checkpoint_format)}` "
@@ -221,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     add_moa_arguments(parser)
+    parser.add_argument(
+        "--zero_shot", action="store_true",
+        help="write DepthCLIP's zero-shot baseline on this CLIP (the 7 DepthCLIP prompts and depths, no adapters, "
+        "nothing trained) instead of a MoA-DepthCLIP model to fine-tune",
+    )  # fmt: skip
 
     hub = parser.add_argument_group("publishing")
     hub.add_argument(
@@ -257,6 +295,7 @@ def _run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             model_name=repo_name,
             model_id=args.push_to_hub,
+            zero_shot=args.zero_shot,
             **moa_options_from_args(args),
         )
         print(result.summary())

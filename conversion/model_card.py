@@ -283,14 +283,26 @@ def config_details(config, image_size: tuple[int, int] | None = None) -> dict[st
             f"pretraining size {vision.image_size}"
         ),
         "trainable CLIP blocks": ", ".join(map(str, config.trainable_layer_indices)) or "none",
-        "MoA after blocks": ", ".join(map(str, config.moa_layers)),
-        "experts per MoA": f"{config.num_experts} × Linear({vision.hidden_size}→{config.adapter_bottleneck}) → GELU "
-        f"→ Linear({config.adapter_bottleneck}→{vision.hidden_size}), router {config.router_type}",
-        "decoder": config.decoder,
-        "depth head": f"{config.num_depth_bins} {config.bin_spacing}-spaced bins + regression, "
-        f"{config.min_depth:g}–{config.max_depth:g} m",
-        "depth prompts": "; ".join(f'"{p}"' for p in config.depth_prompts),
     }
+    if config.head == "depthclip":
+        depths = ", ".join(f"{d:g}" for d in config.depthclip_bin_depths)
+        rows["depth head"] = (
+            f"DepthCLIP zero-shot on the patch grid: softmax over the prompts of "
+            f"{config.depthclip_logit_scale:g}·cos / {config.depthclip_temperature:g}, expected depth of "
+            f"({depths}) m, bilinear upsampling; no adapters, nothing trained"
+        )
+    else:
+        rows["MoA after blocks"] = ", ".join(map(str, config.moa_layers))
+        rows["experts per MoA"] = (
+            f"{config.num_experts} × Linear({vision.hidden_size}→{config.adapter_bottleneck}) → GELU "
+            f"→ Linear({config.adapter_bottleneck}→{vision.hidden_size}), router {config.router_type}"
+            + ("" if config.prompt_guided_router else ", without the semantic context")
+        )
+        rows["decoder"] = config.decoder
+        bins = f"{config.num_depth_bins} {config.bin_spacing}-spaced bins"
+        branches = {"hybrid": f"{bins} + regression", "classification": bins, "regression": "direct regression"}
+        rows["depth head"] = f"{branches[config.head]}, {config.min_depth:g}–{config.max_depth:g} m"
+    rows["depth prompts"] = "; ".join(f'"{p}"' for p in config.depth_prompts)
     if image_size is not None:
         rows["input size"] = f"{image_size[0]}×{image_size[1]} (image processor)"
     return rows

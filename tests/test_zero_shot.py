@@ -1,0 +1,100 @@
+"""DepthCLIP zero-shot from a converted CLIP (`--zero_shot`): the depth equals DepthCLIP's formula computed here
+from the `CLIPModel` itself, and the folder loads in transformers' own tools."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoModelForDepthEstimation, CLIPConfig, CLIPModel, pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conversion import publish  # noqa: E402
+from conversion.convert_clip_to_moa_depthclip import main  # noqa: E402
+from modeling_moa_depthclip import DEPTHCLIP_PROMPTS, MoADepthCLIPForDepthEstimation  # noqa: E402
+from test_conversion import PROMPT_TEXTS, make_clip_tokenizer  # noqa: E402
+
+BINS = [1.00, 1.50, 2.00, 2.25, 2.50, 2.75, 3.00]  # DepthCLIP's depths, metres
+
+
+@pytest.fixture(scope="module")
+def clip_and_folder(tmp_path_factory):
+    tokenizer = make_clip_tokenizer(PROMPT_TEXTS)
+    vocab = len(tokenizer)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(7)
+    clip = CLIPModel(config).eval()
+    root = tmp_path_factory.mktemp("zero_shot")
+    clip.save_pretrained(root / "clip")
+    tokenizer.save_pretrained(root / "clip")
+    output = root / "depthclip"
+    code = main(["--clip_model", str(root / "clip"), "--output_dir", str(output), "--zero_shot",
+                 "--image_size", "32", "48"])  # fmt: skip
+    assert code == 0
+    return clip, tokenizer, output
+
+
+def depthclip_by_hand(clip, tokenizer, pixel_values):
+    """DepthCLIP's rule on a ViT, written from the CLIPModel: patch tokens of the last layer -> post_layernorm ->
+    visual projection -> cosine with the prompts' text features -> softmax(100 cos / 0.1) -> expected depth."""
+    with torch.no_grad():
+        tokens = clip.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
+        image = F.normalize(clip.visual_projection(clip.vision_model.post_layernorm(tokens)), dim=-1)
+        text = clip.get_text_features(**tokenizer(DEPTHCLIP_PROMPTS, padding=True, return_tensors="pt"))
+        text = F.normalize(text.pooler_output, dim=-1)
+        probs = torch.softmax(100.0 * (image @ text.t()) / 0.1, dim=-1)
+        depth = probs @ torch.tensor(BINS)
+    height, width = pixel_values.shape[-2:]
+    grid = depth.reshape(pixel_values.shape[0], 1, height // 8, width // 8)
+    return F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+
+
+def test_zero_shot_depth_is_depthclips_formula(clip_and_folder):
+    clip, tokenizer, folder = clip_and_folder
+    model = AutoModelForDepthEstimation.from_pretrained(folder).eval()
+    assert isinstance(model, MoADepthCLIPForDepthEstimation) and model.config.head == "depthclip"
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
+    assert model.config.depthclip_bin_depths == BINS
+    pixels = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(pixels)
+    expected = depthclip_by_hand(clip, tokenizer, pixels)
+    torch.testing.assert_close(out.predicted_depth, expected, rtol=0, atol=1e-4)
+    assert out.bin_logits.shape == (2, 7, 4, 6) and float(expected.std()) > 0.01  # not a constant map
+    # labels give the depth terms of the loss (no bins, no routers here)
+    with torch.no_grad():
+        loss = model(pixels, labels=torch.full((2, 32, 48), 2.0)).loss_components
+    assert set(loss) == {"l1", "silog", "gradient", "ssim", "router_aux"}
+    assert loss["l1"].item() == pytest.approx((expected - 2.0).abs().mean().item(), rel=1e-4)
+
+
+def test_zero_shot_folder_runs_in_the_pipeline_and_with_remote_code(clip_and_folder):
+    clip, tokenizer, folder = clip_and_folder
+    estimator = pipeline("depth-estimation", model=str(folder))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    result = estimator(image)
+    assert result["metric_depth"].shape == (40, 60)
+    assert 1.0 - 1e-4 <= result["metric_depth"].min() and result["metric_depth"].max() <= 3.0 + 1e-4
+    seen = publish.verify_loads(folder)  # a fresh process without the package, trust_remote_code=True
+    assert "transformers_modules" in seen["model_class"] and seen["input_size"] == [32, 48]
+    card = (folder / "README.md").read_text()
+    assert "DepthCLIP zero-shot baseline, no training" in card and "(1, 1.5, 2, 2.25, 2.5, 2.75, 3) m" in card
+
+
+def test_zero_shot_refuses_options_it_has_no_use_for(clip_and_folder, tmp_path, capsys):
+    _, _, folder = clip_and_folder
+    clip_folder = folder.parent / "clip"
+    code = main(["--clip_model", str(clip_folder), "--output_dir", str(tmp_path / "x"), "--zero_shot",
+                 "--num_experts", "2"])  # fmt: skip
+    assert code == 2 and "drop --num_experts" in capsys.readouterr().err
