@@ -87,6 +87,7 @@ from modeling_moa_depthclip.checkpointing import (  # noqa: E402
     start_run,
 )
 from modeling_moa_depthclip.clip_initialization import init_from_clip  # noqa: E402
+from modeling_moa_depthclip.configuration_moa_depthclip import config_from_name  # noqa: E402
 from modeling_moa_depthclip.data import (  # noqa: E402
     DepthAugmentation,
     DepthCollator,
@@ -303,23 +304,7 @@ def _same_path(a, b) -> bool:
 
 
 def build_config(config_name: str) -> MoADepthCLIPConfig:
-    if config_name == "default":
-        return MoADepthCLIPConfig()
-    if config_name == "paper":
-        return MoADepthCLIPConfig(decoder="paper")
-    path = EXAMPLES_DIR / "configs" / "tiny.json" if config_name == "tiny" else Path(config_name).expanduser()
-    if not path.is_file():
-        raise ValueError(f"config {config_name!r} is neither one of {list(CONFIG_NAMES)} nor a JSON file")
-    try:
-        settings = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"config file {path} is not valid JSON: {error}") from None
-    settings = {k: v for k, v in settings.items() if not k.startswith("_comment")}
-    settings.pop("model_type", None)
-    try:
-        return MoADepthCLIPConfig(**settings)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"config file {path}: {error}") from None
+    return config_from_name(config_name, EXAMPLES_DIR / "configs")
 
 
 def fail(parser, message: str):
@@ -656,7 +641,7 @@ def step_log(stats: torch.Tensor, loss_names: list[str], moa_layers: list[int], 
     """TensorBoard scalars of one optimizer step from `[loss, loss parts..., router usage...]` averaged over it."""
     log = {"train/loss": float(stats[0])}
     log.update({f"train/loss_{name}": float(v) for name, v in zip(loss_names, stats[1:1 + len(loss_names)])})
-    router = stats[1 + len(loss_names):].view(len(moa_layers), -1)
+    router = stats[1 + len(loss_names):].view(len(moa_layers), -1) if moa_layers else None
     for position, layer in enumerate(moa_layers):
         for expert, value in enumerate(router[position].tolist()):
             log[f"router/layer{layer}/expert{expert}"] = value
@@ -701,7 +686,7 @@ def train_loop(args, accelerator, model, optimizer, lr_scheduler, train_dataload
     Returns the seconds spent, and the signal and checkpoint that ended it early, if any."""
     from tqdm.auto import tqdm
 
-    moa_layers = list(accelerator.unwrap_model(model).config.moa_layers)
+    moa_layers = [int(i) for i in getattr(accelerator.unwrap_model(model), "moa", {})]  # blocks with a router, if any
     lr_names = [group["name"] for group in optimizer.param_groups]
     trainable_parameters = [p for p in model.parameters() if p.requires_grad]
     global_step = progress.global_step
@@ -742,7 +727,8 @@ def train_loop(args, accelerator, model, optimizer, lr_scheduler, train_dataload
                 optimizer.zero_grad(set_to_none=True)
             components = outputs.loss_components
             window["components"].append(torch.stack([components[k].float() for k in sorted(components)]))
-            window["router"].append(outputs.router_probs.detach().float().mean(dim=0))
+            if outputs.router_probs is not None:
+                window["router"].append(outputs.router_probs.detach().float().mean(dim=0))
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
@@ -760,7 +746,7 @@ def train_loop(args, accelerator, model, optimizer, lr_scheduler, train_dataload
             stats = torch.cat([
                 torch.stack(window["loss"]).mean().reshape(1),
                 torch.stack(window["components"]).mean(dim=0),
-                torch.stack(window["router"]).mean(dim=0).flatten(),
+                torch.stack(window["router"]).mean(dim=0).flatten() if window["router"] else loss.new_zeros(0),
             ])
             stats = accelerator.reduce(stats, reduction="mean").cpu()
             window = {"loss": [], "components": [], "router": []}

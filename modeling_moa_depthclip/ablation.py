@@ -21,7 +21,6 @@ from .modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
 
 __all__ = ["ABLATION_VARIANTS", "AblationVariant", "build_variant", "variant_config"]
 
-
 @dataclass(frozen=True)
 class AblationVariant:
     name: str

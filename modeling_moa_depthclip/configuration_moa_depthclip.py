@@ -1,5 +1,8 @@
 """MoA-DepthCLIP model configuration."""
 
+import json
+from pathlib import Path
+
 from transformers import CLIPVisionConfig, PreTrainedConfig
 from transformers.dynamic_module_utils import TRANSFORMERS_DYNAMIC_MODULE_NAME
 
@@ -318,6 +321,35 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         return list(range(num_layers - self.num_unfrozen_layers, num_layers))
 
 
+# configurations known by name; any other name is a JSON file (`configs_dir/NAME.json` or a path)
+NAMED_CONFIGS = {"default": {}, "paper": {"decoder": "paper"}}
+
+
+def config_from_name(name: str, configs_dir=None) -> MoADepthCLIPConfig:
+    """'default' (ViT-B/32, multi-scale decoder), 'paper' (the patch-grid decoder), `configs_dir/NAME.json`
+    (e.g. `examples/configs/tiny.json` for 'tiny') or the path of a JSON file of `MoADepthCLIPConfig` fields
+    (keys starting with `_comment` are skipped)."""
+    if name in NAMED_CONFIGS:
+        return MoADepthCLIPConfig(**NAMED_CONFIGS[name])
+    path = Path(configs_dir) / f"{name}.json" if configs_dir is not None else None
+    if path is None or not path.is_file():
+        path = Path(name).expanduser()
+    known = list(NAMED_CONFIGS) + sorted(p.stem for p in Path(configs_dir).glob("*.json")) if configs_dir else []
+    if not path.is_file():
+        raise ValueError(f"config {name!r} is neither one of {known or list(NAMED_CONFIGS)} nor a JSON file")
+    try:
+        settings = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"config file {path} is not valid JSON: {error}") from None
+    settings = {k: v for k, v in settings.items() if not k.startswith("_comment")}
+    settings.pop("model_type", None)
+    try:
+        return MoADepthCLIPConfig(**settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config file {path}: {error}") from None
+
+
+
 def _check_int(name, value, low, high):
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
         allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
@@ -329,4 +361,4 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-__all__ = ["MoADepthCLIPConfig", "DEPTHCLIP_BIN_DEPTHS", "DEPTHCLIP_PROMPTS"]
+__all__ = ["MoADepthCLIPConfig", "DEPTHCLIP_BIN_DEPTHS", "DEPTHCLIP_PROMPTS", "config_from_name"]

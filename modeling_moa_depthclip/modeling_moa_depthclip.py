@@ -25,7 +25,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_outputs import DepthEstimatorOutput
 
 from .configuration_moa_depthclip import MoADepthCLIPConfig
-from .losses import DepthLoss, depth_bin_centers, depth_bin_edges
+from .losses import DepthLoss, depth_bin_centers, depth_bin_edges  # noqa: F401  (depth_bin_edges: importable here)
 
 
 @dataclass

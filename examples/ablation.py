@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""The paper's comparison: every ablation variant of one starting model, trained alike, evaluated alike.
+
+    python examples/ablation.py                        # tiny configuration, synthetic rooms, offline, a few minutes
+    python examples/ablation.py --model checkpoints/moa-depthclip-init --dataset sayakpaul/nyu_depth_v2 \
+        --eval_dataset PATH/TO/nyu_test_654 --max_train_steps 20000 --output_dir outputs/ablation
+
+Each variant of `modeling_moa_depthclip.ablation.ABLATION_VARIANTS` (or those named by `--variants`) is the starting
+model (`--model FOLDER`, or `--config_name NAME` built with `--seed`) with a few configuration fields changed, keeping
+every weight of the starting model that still fits. Every variant that trains is trained by `examples/train.py`,
+run as a subprocess on the variant's initial folder with the same data, steps, seed and `--train_args`; the
+zero-shot baseline is not trained. Each is then evaluated by `examples/evaluate.py` (the package's evaluation) on
+the same frames (`--eval_dataset`, split `--eval_split`).
+
+Writes to `--output_dir`: `ablation.json` (one row per variant: `name`, `paper_row`, `trainable_parameters`,
+`train_seconds` and the nine metrics), `ablation.md` (the table), `ablation.png` (δ1 and RMSE per variant) and, per
+variant, `variants/NAME/` with its initial folder, training run and evaluation. A variant whose `result.json` exists
+is not run again with `--resume`; an existing output folder is never replaced without `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py and evaluate.py: idle OpenMP threads sleep
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, MoADepthCLIPImageProcessor  # noqa: E402
+from modeling_moa_depthclip.ablation import ABLATION_VARIANTS, build_variant  # noqa: E402
+from modeling_moa_depthclip.configuration_moa_depthclip import config_from_name  # noqa: E402
+from modeling_moa_depthclip.metrics import METRIC_KEYS  # noqa: E402
+
+
+EXAMPLES_DIR = Path(__file__).resolve().parent
+RESULT_FILE = "result.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train and evaluate the paper's ablation variants of one starting model with the same budget.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--model", default=None, help="starting checkpoint folder (e.g. a converted CLIP)")
+    start.add_argument(
+        "--config_name", default="tiny",
+        help="without --model: 'default', 'paper', a name in examples/configs/ ('tiny') or a config JSON path; "
+        "the starting model is built with --seed (its CLIP backbone is random)",
+    )  # fmt: skip
+    parser.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS), choices=list(ABLATION_VARIANTS),
+                        metavar="NAME", help=f"variants to run, of {list(ABLATION_VARIANTS)}")  # fmt: skip
+    parser.add_argument("--dataset", default="synthetic", help="training data (any source train.py reads)")
+    parser.add_argument("--eval_dataset", default=None, help="evaluation data (default: --dataset)")
+    parser.add_argument("--eval_split", default="test", help="split of --eval_dataset every variant is scored on")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="score only the first N frames")
+    parser.add_argument("--max_train_steps", type=int, default=100, help="optimiser steps of every trained variant")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the variants' new modules and of training")
+    parser.add_argument("--synthetic_size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                        help="frame size of synthetic scenes, training and evaluation (default: the scripts')")
+    parser.add_argument("--train_args", default="", metavar="'ARGS'",
+                        help="further examples/train.py flags for every variant, quoted as one string, e.g. "
+                        "\"--max_train_samples 200 --mixed_precision bf16\"")  # fmt: skip
+    parser.add_argument("--output_dir", default="outputs/ablation")
+    safety = parser.add_mutually_exclusive_group()
+    safety.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
+    safety.add_argument("--resume", action="store_true", help="keep the variants already finished in --output_dir")
+    return parser
+
+
+def prepare_output_dir(args, parser) -> Path:
+    output_dir = Path(args.output_dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output_dir {output_dir} exists and is not a folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.resume:
+        if not args.overwrite:
+            parser.error(f"--output_dir {output_dir} is not empty: pass --overwrite to replace it or --resume")
+        if not (output_dir / "variants").is_dir() and not (output_dir / "ablation.json").is_file():
+            parser.error(f"refusing to replace {output_dir}: it does not look like an ablation output")
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+def starting_model(args, parser):
+    """(model, image processor, description) of --model, or of --config_name built with --seed."""
+    if args.model is not None:
+        folder = Path(args.model).expanduser()
+        if not (folder / "config.json").is_file():
+            parser.error(f"--model {folder}: not a model folder (no config.json)")
+        model = MoADepthCLIPForDepthEstimation.from_pretrained(folder)
+        if (folder / "preprocessor_config.json").is_file():
+            processor = MoADepthCLIPImageProcessor.from_pretrained(folder)
+        else:
+            processor = _default_processor(model.config)
+        return model, processor, f"checkpoint {args.model}"
+    try:
+        config = config_from_name(args.config_name, EXAMPLES_DIR / "configs")
+    except ValueError as error:
+        parser.error(f"--config_name: {error}")
+    torch.manual_seed(args.seed)
+    model = MoADepthCLIPForDepthEstimation(config)
+    return model, _default_processor(config), f"config {args.config_name} (random CLIP backbone, seed {args.seed})"
+
+
+def _default_processor(config):
+    size = config.vision_config.image_size
+    return MoADepthCLIPImageProcessor(size={"height": size, "width": size}, size_divisor=config.vision_config.patch_size)
+
+
+def run_logged(command: list[str], log_path: Path, what: str) -> float:
+    """Run `command`, its output into `log_path`; returns the seconds it took. Exits naming the log on failure."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=EXAMPLES_DIR.parent)
+    seconds = time.perf_counter() - start
+    if completed.returncode != 0:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        sys.exit(f"error: {what} failed (exit code {completed.returncode}); log {log_path}:\n{tail}")
+    return seconds
+
+
+def run_variant(name: str, start, processor, args, variant_dir: Path) -> dict:
+    variant = ABLATION_VARIANTS[name]
+    model, fresh = build_variant(start, name, seed=args.seed)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    initial = variant_dir / "initial"
+    model.save_pretrained(initial)
+    processor.save_pretrained(initial)
+    (variant_dir / "fresh_modules.json").write_text(json.dumps(fresh, indent=1) + "\n")
+    synthetic = ["--synthetic_size", *map(str, args.synthetic_size)] if args.synthetic_size else []
+
+    train_seconds, final = 0.0, initial
+    if variant.trains:
+        command = [
+            sys.executable, str(EXAMPLES_DIR / "train.py"), "--model", str(initial), "--dataset", args.dataset,
+            "--max_train_steps", str(args.max_train_steps), "--seed", str(args.seed),
+            "--per_device_train_batch_size", str(args.per_device_train_batch_size),
+            "--eval_split", "none", "--test_datasets", "none", "--checkpointing_steps", "0", "--report_to", "none",
+            "--output_dir", str(variant_dir / "train"), *synthetic, *shlex.split(args.train_args),
+        ]  # fmt: skip
+        train_seconds = run_logged(command, variant_dir / "train.log", f"training variant {name}")
+        final = variant_dir / "train" / "final"
+
+    config = model.config
+    command = [
+        sys.executable, str(EXAMPLES_DIR / "evaluate.py"), "--model", str(final),
+        "--dataset", args.eval_dataset or args.dataset, "--split", args.eval_split, "--seed", str(args.seed),
+        "--min_depth", str(config.min_depth), "--max_depth", str(config.max_depth),
+        "--output_dir", str(variant_dir / "evaluation"), "--num_visual_samples", "2", *synthetic,
+        *(["--num_samples", str(args.max_eval_samples)] if args.max_eval_samples else []),
+    ]  # fmt: skip
+    run_logged(command, variant_dir / "evaluate.log", f"evaluating variant {name}")
+    evaluation = json.loads((variant_dir / "evaluation" / "metrics.json").read_text())
+    row = {
+        "name": name,
+        "paper_row": variant.paper_row,
+        "trainable_parameters": trainable,
+        "train_seconds": round(train_seconds, 1),
+        **{key: float(evaluation[key]) for key in METRIC_KEYS},
+        "num_images": evaluation["num_images"],
+    }
+    (variant_dir / RESULT_FILE).write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    header = "| variant | trainable params | train s | " + " | ".join(METRIC_KEYS) + " | stands for |"
+    lines = [header, "|" + "---|" * (len(METRIC_KEYS) + 4)]
+    for row in rows:
+        values = " | ".join(f"{row[key]:.4f}" for key in METRIC_KEYS)
+        lines.append(
+            f"| {row['name']} | {row['trainable_parameters']:,} | {row['train_seconds']:.0f} | {values} | "
+            f"{row['paper_row']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_rows(rows: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["name"] for row in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(rows) + 4), 4.2))
+    for axis, key, label in ((axes[0], "d1", "δ1 < 1.25 (higher is better)"), (axes[1], "rmse", "RMSE, m (lower is better)")):
+        axis.bar(range(len(rows)), [row[key] for row in rows], color="tab:blue")
+        axis.set_xticks(range(len(rows)), names, rotation=35, ha="right", fontsize=8)
+        axis.set_title(label, fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
+    output_dir = prepare_output_dir(args, parser)
+    start, processor, description = starting_model(args, parser)
+    variants = list(dict.fromkeys(args.variants))
+
+    rows = []
+    progress = tqdm(variants, desc="ablation", unit="variant")
+    for name in progress:
+        progress.set_postfix(variant=name)
+        variant_dir = output_dir / "variants" / name
+        done = variant_dir / RESULT_FILE
+        if args.resume and done.is_file():
+            rows.append(json.loads(done.read_text()))
+            continue
+        if variant_dir.exists():
+            shutil.rmtree(variant_dir)  # an unfinished run of this variant
+        variant_dir.mkdir(parents=True)
+        rows.append(run_variant(name, start, processor, args, variant_dir))
+
+    eval_source = args.eval_dataset or args.dataset
+    setup = {
+        "start": description, "dataset": args.dataset, "eval_dataset": eval_source, "eval_split": args.eval_split,
+        "max_train_steps": args.max_train_steps, "per_device_train_batch_size": args.per_device_train_batch_size,
+        "seed": args.seed, "train_args": args.train_args, "synthetic_size": args.synthetic_size,
+    }  # fmt: skip
+    (output_dir / "ablation.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
+    title = f"{description}; {args.max_train_steps} steps on {args.dataset}; scored on {eval_source} ({args.eval_split})"
+    (output_dir / "ablation.md").write_text(f"# Ablation\n\n{title}, {rows[0]['num_images']} frames.\n\n"
+                                            f"{format_table(rows)}\n")  # fmt: skip
+    plot_rows(rows, output_dir / "ablation.png", title)
+    print(format_table(rows))
+    print(f"wrote {output_dir / 'ablation.json'}, ablation.md and ablation.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
