@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, MoADepthCLIPImageProcessor  # noqa: E402
-from modeling_moa_depthclip.ablation import ABLATION_VARIANTS, build_variant  # noqa: E402
+from modeling_moa_depthclip.ablation import ABLATION_VARIANTS, build_variant, variant_config  # noqa: E402
 from modeling_moa_depthclip.configuration_moa_depthclip import config_from_name  # noqa: E402
 from modeling_moa_depthclip.metrics import METRIC_KEYS  # noqa: E402
 
@@ -63,12 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="synthetic", help="training data (any source train.py reads)")
     parser.add_argument("--eval_dataset", default=None, help="evaluation data (default: --dataset)")
     parser.add_argument("--eval_split", default="test", help="split of --eval_dataset every variant is scored on")
-    parser.add_argument("--max_eval_samples", type=int, default=None, help="score only the first N frames")
-    parser.add_argument("--max_train_steps", type=int, default=100, help="optimiser steps of every trained variant")
+    parser.add_argument("--max_eval_samples", type=int, default=12,
+                        help="score only the first N frames (0: all of the split)")  # fmt: skip
+    parser.add_argument("--max_train_steps", type=int, default=40, help="optimiser steps of every trained variant")
     parser.add_argument("--per_device_train_batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed of the variants' new modules and of training")
-    parser.add_argument("--synthetic_size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
-                        help="frame size of synthetic scenes, training and evaluation (default: the scripts')")
+    parser.add_argument("--synthetic_size", type=int, nargs=2, default=[120, 160], metavar=("HEIGHT", "WIDTH"),
+                        help="frame size of synthetic scenes, training and evaluation")
     parser.add_argument("--train_args", default="", metavar="'ARGS'",
                         help="further examples/train.py flags for every variant, quoted as one string, e.g. "
                         "\"--max_train_samples 200 --mixed_precision bf16\"")  # fmt: skip
@@ -139,7 +140,7 @@ def run_variant(name: str, start, processor, args, variant_dir: Path) -> dict:
     model.save_pretrained(initial)
     processor.save_pretrained(initial)
     (variant_dir / "fresh_modules.json").write_text(json.dumps(fresh, indent=1) + "\n")
-    synthetic = ["--synthetic_size", *map(str, args.synthetic_size)] if args.synthetic_size else []
+    synthetic = ["--synthetic_size", *map(str, args.synthetic_size)]
 
     train_seconds, final = 0.0, initial
     if variant.trains:
@@ -214,7 +215,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
     output_dir = prepare_output_dir(args, parser)
     start, processor, description = starting_model(args, parser)
-    variants = list(dict.fromkeys(args.variants))
+    # a variant whose configuration is the starting model's own under another name (e.g. multiscale_decoder of a
+    # multi-scale model) would only repeat that run
+    variants, same_as, seen = [], {}, {}
+    for name in dict.fromkeys(args.variants):
+        try:
+            key = json.dumps(variant_config(start.config, name).to_diff_dict(), sort_keys=True)
+        except ValueError as error:
+            parser.error(str(error))
+        if key in seen:
+            same_as[name] = seen[key]
+            print(f"{name}: the same configuration as {seen[key]}, not run again")
+            continue
+        seen[key] = name
+        variants.append(name)
 
     rows = []
     progress = tqdm(variants, desc="ablation", unit="variant")
@@ -235,11 +249,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "start": description, "dataset": args.dataset, "eval_dataset": eval_source, "eval_split": args.eval_split,
         "max_train_steps": args.max_train_steps, "per_device_train_batch_size": args.per_device_train_batch_size,
         "seed": args.seed, "train_args": args.train_args, "synthetic_size": args.synthetic_size,
+        "same_configuration_as": same_as,
     }  # fmt: skip
     (output_dir / "ablation.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
     title = f"{description}; {args.max_train_steps} steps on {args.dataset}; scored on {eval_source} ({args.eval_split})"
+    notes = "".join(f"\n`{name}` has the same configuration as `{other}` here.\n" for name, other in same_as.items())
     (output_dir / "ablation.md").write_text(f"# Ablation\n\n{title}, {rows[0]['num_images']} frames.\n\n"
-                                            f"{format_table(rows)}\n")  # fmt: skip
+                                            f"{format_table(rows)}\n{notes}")  # fmt: skip
     plot_rows(rows, output_dir / "ablation.png", title)
     print(format_table(rows))
     print(f"wrote {output_dir / 'ablation.json'}, ablation.md and ablation.png")
