@@ -9,8 +9,9 @@ Each variant of `modeling_moa_depthclip.ablation.ABLATION_VARIANTS` (or those na
 model (`--model FOLDER`, or `--config_name NAME` built with `--seed`) with a few configuration fields changed, keeping
 every weight of the starting model that still fits. Every variant that trains is trained by `examples/train.py`,
 run as a subprocess on the variant's initial folder with the same data, steps, seed and `--train_args`; the
-zero-shot baseline is not trained. Each is then evaluated by `examples/evaluate.py` (the package's evaluation) on
-the same frames (`--eval_dataset`, split `--eval_split`).
+zero-shot baseline is not trained. Each is then scored by `modeling_moa_depthclip.evaluation.evaluate` (the
+function of `examples/evaluate.py`) on the same frames (`--eval_dataset`, split `--eval_split`), loaded once, in the
+starting model's depth range.
 
 Writes to `--output_dir`: `ablation.json` (one row per variant: `name`, `paper_row`, `trainable_parameters`,
 `train_seconds` and the nine metrics), `ablation.md` (the table), `ablation.png` (δ1 and RMSE per variant) and, per
@@ -39,6 +40,13 @@ from tqdm.auto import tqdm  # noqa: E402
 from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, MoADepthCLIPImageProcessor  # noqa: E402
 from modeling_moa_depthclip.ablation import ABLATION_VARIANTS, build_variant, variant_config  # noqa: E402
 from modeling_moa_depthclip.configuration_moa_depthclip import config_from_name  # noqa: E402
+from modeling_moa_depthclip.evaluation import (  # noqa: E402
+    ModelLoadError,
+    evaluate,
+    load_dataset_or_error,
+    load_model_and_processor,
+    write_evaluation_outputs,
+)
 from modeling_moa_depthclip.metrics import METRIC_KEYS  # noqa: E402
 
 
@@ -63,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="synthetic", help="training data (any source train.py reads)")
     parser.add_argument("--eval_dataset", default=None, help="evaluation data (default: --dataset)")
     parser.add_argument("--eval_split", default="test", help="split of --eval_dataset every variant is scored on")
+    parser.add_argument("--eval_crop", default="eigen", choices=["eigen", "garg", "none"], help="evaluation crop")
     parser.add_argument("--max_eval_samples", type=int, default=12,
                         help="score only the first N frames (0: all of the split)")  # fmt: skip
     parser.add_argument("--max_train_steps", type=int, default=40, help="optimiser steps of every trained variant")
@@ -97,14 +106,10 @@ def prepare_output_dir(args, parser) -> Path:
 def starting_model(args, parser):
     """(model, image processor, description) of --model, or of --config_name built with --seed."""
     if args.model is not None:
-        folder = Path(args.model).expanduser()
-        if not (folder / "config.json").is_file():
-            parser.error(f"--model {folder}: not a model folder (no config.json)")
-        model = MoADepthCLIPForDepthEstimation.from_pretrained(folder)
-        if (folder / "preprocessor_config.json").is_file():
-            processor = MoADepthCLIPImageProcessor.from_pretrained(folder)
-        else:
-            processor = _default_processor(model.config)
+        try:
+            model, processor = load_model_and_processor(args.model)
+        except ModelLoadError as error:
+            parser.error(f"--model: {error}")
         return model, processor, f"checkpoint {args.model}"
     try:
         config = config_from_name(args.config_name, EXAMPLES_DIR / "configs")
@@ -132,7 +137,7 @@ def run_logged(command: list[str], log_path: Path, what: str) -> float:
     return seconds
 
 
-def run_variant(name: str, start, processor, args, variant_dir: Path) -> dict:
+def run_variant(name: str, start, processor, eval_data, args, variant_dir: Path) -> dict:
     variant = ABLATION_VARIANTS[name]
     model, fresh = build_variant(start, name, seed=args.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -154,16 +159,14 @@ def run_variant(name: str, start, processor, args, variant_dir: Path) -> dict:
         train_seconds = run_logged(command, variant_dir / "train.log", f"training variant {name}")
         final = variant_dir / "train" / "final"
 
-    config = model.config
-    command = [
-        sys.executable, str(EXAMPLES_DIR / "evaluate.py"), "--model", str(final),
-        "--dataset", args.eval_dataset or args.dataset, "--split", args.eval_split, "--seed", str(args.seed),
-        "--min_depth", str(config.min_depth), "--max_depth", str(config.max_depth),
-        "--output_dir", str(variant_dir / "evaluation"), "--num_visual_samples", "2", *synthetic,
-        *(["--num_samples", str(args.max_eval_samples)] if args.max_eval_samples else []),
-    ]  # fmt: skip
-    run_logged(command, variant_dir / "evaluate.log", f"evaluating variant {name}")
-    evaluation = json.loads((variant_dir / "evaluation" / "metrics.json").read_text())
+    trained, trained_processor = load_model_and_processor(final)
+    result = evaluate(
+        trained, trained_processor, eval_data, crop=args.eval_crop, min_depth=start.config.min_depth,
+        max_depth=start.config.max_depth, num_visual_samples=2, dataset_name=eval_label(args), model_name=name,
+        show_progress=False,
+    )  # fmt: skip
+    write_evaluation_outputs(result, variant_dir / "evaluation", f"{name} on {eval_label(args)}")
+    evaluation = {**result["metrics"], "num_images": result["num_images"]}
     row = {
         "name": name,
         "paper_row": variant.paper_row,
@@ -174,6 +177,10 @@ def run_variant(name: str, start, processor, args, variant_dir: Path) -> dict:
     }
     (variant_dir / RESULT_FILE).write_text(json.dumps(row, indent=2) + "\n")
     return row
+
+
+def eval_label(args) -> str:
+    return f"{args.eval_dataset or args.dataset} ({args.eval_split})"
 
 
 def format_table(rows: list[dict]) -> str:
@@ -215,6 +222,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
     output_dir = prepare_output_dir(args, parser)
     start, processor, description = starting_model(args, parser)
+    try:  # every variant is scored on these frames, in the starting model's depth range
+        eval_data = load_dataset_or_error(
+            args.eval_dataset or args.dataset, args.eval_split, min_depth=start.config.min_depth,
+            max_depth=start.config.max_depth, num_samples=args.max_eval_samples or None,
+            synthetic_size=tuple(args.synthetic_size), seed=args.seed,
+        )  # fmt: skip
+    except ValueError as error:
+        parser.error(f"--eval_dataset: {error}")
     # a variant whose configuration is the starting model's own under another name (e.g. multiscale_decoder of a
     # multi-scale model) would only repeat that run
     variants, same_as, seen = [], {}, {}
@@ -242,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if variant_dir.exists():
             shutil.rmtree(variant_dir)  # an unfinished run of this variant
         variant_dir.mkdir(parents=True)
-        rows.append(run_variant(name, start, processor, args, variant_dir))
+        rows.append(run_variant(name, start, processor, eval_data, args, variant_dir))
 
     eval_source = args.eval_dataset or args.dataset
     setup = {

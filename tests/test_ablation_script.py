@@ -52,7 +52,7 @@ def test_ablation_trains_and_scores_each_variant_alike(tmp_path, capsys):
     protocols = [json.loads((variants / n / "evaluation" / "metrics.json").read_text())["protocol"] for n in
                  ("no_adapters", "zero_shot")]  # fmt: skip
     for protocol in protocols:
-        protocol.pop("model")
+        protocol.pop("model", None)
     assert protocols[0] == protocols[1]
     table = (output / "ablation.md").read_text()
     assert "| zero_shot | 0 | 0 |" in table and "DepthCLIP zero-shot" in table
