@@ -86,7 +86,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentPars
     )
     parser.add_argument(
         "--dataset", default=str(nyu) if nyu else "synthetic",
-        help="'synthetic', a DenseDepth/BTS folder, a save_to_disk folder or a Hub dataset id "
+        help="'synthetic', a DenseDepth/BTS folder or list, a fast-depth .h5 folder or .tar shards, DenseDepth's "
+        "nyu_test.zip, a save_to_disk folder or a Hub dataset id "
         "(default: the shared NYU frames if present, else synthetic)",
     )
     parser.add_argument("--split", default="test", help="dataset split")

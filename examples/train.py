@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument(
         "--dataset", default="synthetic",
-        help="'synthetic' (built-in rendered rooms), a DenseDepth/BTS folder, a save_to_disk folder or a Hub id",
+        help="'synthetic' (built-in rendered rooms), a DenseDepth/BTS folder or list, a fast-depth .h5 folder or .tar "
+        "shards, DenseDepth's nyu_test.zip, a save_to_disk folder or a Hub id",
     )
     data.add_argument("--train_split", default="train")
     data.add_argument(

@@ -7,6 +7,8 @@ marks an invalid depth pixel, as `datasets.Dataset` / `datasets.IterableDataset`
 * `synthetic`: procedurally generated, ray-cast indoor rooms;
 * `layouts`: DenseDepth CSVs and BTS filenames files, and how a folder names its splits;
 * `sources`: `classify_source` and `load_depth_dataset` (folders, list files, `save_to_disk` folders, Hub ids);
+* `nyu`, `hub`: NYU Depth V2 as published (fast-depth `.h5` trees and tar shards, DenseDepth's Eigen test arrays,
+  Hub repositories that are loading scripts over tar shards), read in place;
 * `augmentation`: paired RGB-D augmentation, the training view and the batch collator.
 
 The depth range is never decided here: functions take `min_depth` / `max_depth` (None: no clipping) and callers
@@ -15,6 +17,7 @@ pass the model's `config.min_depth` / `config.max_depth`.
 
 from .augmentation import DepthAugmentation, DepthCollator, TrainingExamples
 from .layouts import STANDARD_SPLITS
+from .nyu import NpyFrames, index_tar_shard, read_fastdepth_h5
 from .reading import (
     DEPTH_UNITS,
     DepthUnitWarning,
@@ -43,15 +46,18 @@ __all__ = [
     "DepthCollator",
     "DepthExampleDecoder",
     "DepthUnitWarning",
+    "NpyFrames",
     "SourceKind",
     "TrainingExamples",
     "camera_rays",
     "classify_source",
     "depth_dataset_from_files",
     "depth_to_metres",
+    "index_tar_shard",
     "load_depth_dataset",
     "make_example",
     "read_depth_image",
+    "read_fastdepth_h5",
     "read_rgb_image",
     "render_plane_depth",
     "render_room",

@@ -18,7 +18,10 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["STANDARD_SPLITS", "find_split_lists", "normalise_split", "read_bts_list", "read_densedepth_csv", "select_split"]
+__all__ = [
+    "STANDARD_SPLITS", "find_split_lists", "normalise_split", "read_bts_list", "read_densedepth_csv", "select_split",
+    "split_error",
+]
 
 STANDARD_SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "eval": "test"}
@@ -87,6 +90,10 @@ def _group_by_split(lists: Sequence[Path], folder: Path) -> tuple[dict[str, Path
     return {}, unsplit[0]
 
 
+def split_error(split: str, source: str, available: Sequence[str]) -> ValueError:
+    return ValueError(f"split {split!r} not in {source} (splits: {sorted(available)})")
+
+
 def select_split(split: str, lists: dict[str, Path], unsplit: Path | None, source: str) -> Path:
     """The list file serving `split` (see the module docstring), or an error naming the splits that exist."""
     wanted = normalise_split(split)
@@ -94,11 +101,11 @@ def select_split(split: str, lists: dict[str, Path], unsplit: Path | None, sourc
         return lists[wanted]
     if unsplit is not None and wanted in STANDARD_SPLITS:
         return unsplit
-    if unsplit is not None:
-        available = f"one unsplit list {unsplit.name}, served as any of {list(STANDARD_SPLITS)}"
-    else:
-        available = f"splits: {sorted(lists)}"
-    raise ValueError(f"split {split!r} not in {source} ({available})")
+    if unsplit is None:
+        raise split_error(split, source, lists)
+    raise ValueError(
+        f"split {split!r} not in {source} (one unsplit list {unsplit.name}, served as any of {list(STANDARD_SPLITS)})"
+    )
 
 
 def _resolve(entry: str, bases: Sequence[Path]) -> tuple[Path | None, str]:

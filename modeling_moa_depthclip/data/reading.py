@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 # Stored units per metre. DenseDepth's nyu2_train PNGs store depth / 10 m * 255 (its `maxDepth` of 1000 cm).
-DEPTH_UNITS: dict[str, float] = {"m": 1.0, "dm": 10.0, "cm": 100.0, "mm": 1000.0, "densedepth8": 25.5}
+DEPTH_UNITS: dict[str, float] = {"m": 1.0, "dm": 1e1, "cm": 1e2, "mm": 1e3, "densedepth8": 25.5}
 
 # A depth map whose farthest valid pixel is nearer than 2 cm or beyond 1 km is in another unit than assumed.
 PLAUSIBLE_DEPTH_METRES = (0.02, 1000.0)

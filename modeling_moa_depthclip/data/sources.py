@@ -6,6 +6,9 @@ consumers see them, are `{"image": PIL.Image RGB, "depth": float32 [H, W] metres
 * a local folder or list file becomes a `Dataset` over the file paths with `Image` columns plus a decoding
   transform (`with_transform`): nothing is decoded, copied or cached until a row is read;
 * a `save_to_disk` folder or a Hub dataset keeps its own storage and gets the same decoding transform;
+* NYU Depth V2 as published (fast-depth `.h5` trees and tar shards, DenseDepth's Eigen test arrays, Hub loading
+  scripts over tar shards) is read in place by `modeling_moa_depthclip.data.nyu` and `.hub`; shards and streams
+  are `IterableDataset`s;
 * `"synthetic"` is a `Dataset` of scene names whose pixels are rendered when a row is read.
 
 `.select`, `.shard`, `.train_test_split` and `.push_to_hub` work as on any `datasets.Dataset` (pushing uploads the
@@ -18,15 +21,16 @@ import enum
 import logging
 import os
 import re
-import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .decoding import DepthExampleDecoder, Example
 from .layouts import find_split_lists, read_bts_list, read_densedepth_csv, select_split
-from .reading import DepthUnitWarning, depth_image_array, depth_to_metres, depth_unit_problem, make_example
+from .nyu import find_nyu_layout, load_nyu_layout
+from .reading import make_example
 from .synthetic import render_synthetic_scene
 
 __all__ = [
@@ -41,7 +45,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Example = dict
 _PATH_SUFFIXES = (".csv", ".txt", ".json", ".h5", ".tar", ".zip", ".npy")
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
@@ -50,8 +53,8 @@ class SourceKind(str, enum.Enum):
     """What a dataset source string names."""
 
     SYNTHETIC = "synthetic"
-    FILE = "file"  # a local file: a DenseDepth CSV, a BTS filenames file, a shard or an archive
-    FOLDER = "folder"  # a local folder of a known layout or a save_to_disk folder
+    FILE = "file"  # a local file: a DenseDepth CSV, a BTS filenames file, a .tar shard or nyu_test.zip
+    FOLDER = "folder"  # a local folder (list files, .h5 tree, shards, DenseDepth arrays or save_to_disk)
     MISSING = "missing"  # written like a local path, but nothing is there
     HUB = "hub"  # a Hugging Face Hub dataset id
 
@@ -82,105 +85,6 @@ def classify_source(source: str | os.PathLike) -> SourceKind:
     if _HUB_ID.match(source):
         return SourceKind.HUB
     raise ValueError(f"unknown depth dataset source {source!r} (not 'synthetic', a local path or a Hub id)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding transforms: stored rows -> example dicts
-# ---------------------------------------------------------------------------------------------
-
-
-def _open_stored_image(value: Any, where: str):
-    """A PIL image from a decoded or undecoded (`{"bytes", "path"}`) `Image` value."""
-    from PIL import Image
-
-    if isinstance(value, Mapping) and ("bytes" in value or "path" in value):
-        import io
-
-        try:
-            image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-            image.load()
-        except Exception as exc:
-            raise OSError(f"{where}: cannot read image {value.get('path') or '(bytes)'}: {exc}") from exc
-        return image
-    return value
-
-
-class DepthExampleDecoder:
-    """Batch transform (for `Dataset.with_transform`) turning stored rows into depth examples.
-
-    `image_column` holds the RGB image and `depth_column` the depth in stored units (an image, array or nested
-    list), converted by the unit rule of `modeling_moa_depthclip.data.reading`; `name_column` names the frame.
-    Pixels outside `[min_depth, max_depth]` become 0 (None: no clipping). `transform` is applied to each decoded
-    example (e.g. a `DepthAugmentation`). The first frame whose values contradict their unit raises one
-    `DepthUnitWarning` for the dataset.
-    """
-
-    def __init__(
-        self,
-        image_column: str = "image",
-        depth_column: str = "depth",
-        name_column: str = "name",
-        *,
-        depth_unit: str | None = None,
-        depth_scale: float | None = None,
-        min_depth: float | None = None,
-        max_depth: float | None = None,
-        source: str = "dataset",
-        transform: Callable[[Example], Example] | None = None,
-    ):
-        self.image_column, self.depth_column, self.name_column = image_column, depth_column, name_column
-        self.depth_unit, self.depth_scale = depth_unit, depth_scale
-        self.min_depth, self.max_depth, self.source, self.transform = min_depth, max_depth, source, transform
-        self._warned = False
-
-    def then(self, transform: Callable[[Example], Example] | None) -> "DepthExampleDecoder":
-        """A copy that also applies `transform` to each decoded example."""
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new.transform = transform if self.transform is None or transform is None else _Chain(self.transform, transform)
-        return new
-
-    def _where(self, row: Mapping[str, Any]) -> str:
-        depth = row.get(self.depth_column)
-        path = getattr(depth, "filename", None) or (depth.get("path") if isinstance(depth, Mapping) else None)
-        return f"{self.source} [{row.get(self.name_column)}]" + (f" ({path})" if path else "")
-
-    def decode(self, row: Mapping[str, Any]) -> Example:
-        where = self._where(row)
-        image = _open_stored_image(row[self.image_column], where)
-        depth_value = _open_stored_image(row[self.depth_column], where)
-        if hasattr(depth_value, "getbands"):  # a PIL image
-            depth_value = depth_image_array(depth_value, where)
-        metres = depth_to_metres(depth_value, self.depth_unit, self.depth_scale, where=where, warn=False)
-        if not self._warned:
-            problem = depth_unit_problem(metres, self._unit_name(depth_value), where)
-            if problem:
-                self._warned = True
-                warnings.warn(f"{problem} (later frames of this dataset are not reported)", DepthUnitWarning, stacklevel=2)
-        image_path = getattr(image, "filename", None)
-        source = f"{where}" + (f" (image {image_path})" if image_path else "")
-        example = make_example(
-            image, metres, str(row[self.name_column]), min_depth=self.min_depth, max_depth=self.max_depth, source=source
-        )
-        return self.transform(example) if self.transform is not None else example
-
-    def _unit_name(self, value: Any) -> str:
-        from .reading import depth_scale_for
-
-        return depth_scale_for(np.asarray(value).dtype, self.depth_unit, self.depth_scale)[1]
-
-    def __call__(self, batch: Mapping[str, Sequence[Any]]) -> dict[str, list]:
-        size = len(next(iter(batch.values())))
-        examples = [self.decode({key: values[i] for key, values in batch.items()}) for i in range(size)]
-        return {key: [example[key] for example in examples] for key in (examples[0] if examples else ("image", "depth", "name"))}
-
-
-class _Chain:
-    def __init__(self, first, second):
-        self.first, self.second = first, second
-
-    def __call__(self, example):
-        return self.second(self.first(example))
 
 
 class SyntheticSceneDecoder(DepthExampleDecoder):
@@ -263,10 +167,14 @@ def _synthetic(split: str, num_samples: int | None, seed: int, height: int, widt
 
 
 def _take(dataset, num_samples: int | None):
+    import datasets
+
     if num_samples is None:
         return dataset
     if num_samples <= 0:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(num_samples)
     return dataset.select(range(min(num_samples, len(dataset))))
 
 
@@ -383,8 +291,10 @@ def load_depth_dataset(
     """Load depth examples `{"image", "depth" (metres, 0 = invalid), "name"}` from `source` as a `datasets` object.
 
     Args:
-        source: `"synthetic"`; a DenseDepth folder or CSV file; a BTS folder or filenames `.txt` file; a
-            `datasets.save_to_disk` folder; or a Hugging Face Hub dataset id (see `classify_source`).
+        source: `"synthetic"`; a DenseDepth folder or CSV file; a BTS folder or filenames `.txt` file; a fast-depth
+            `.h5` folder, a folder of `.tar` shards or one shard; DenseDepth's `nyu_test.zip` or a folder with its
+            `.npy` arrays; a `datasets.save_to_disk` folder; or a Hugging Face Hub dataset id (a loading script
+            over tar shards is read through its shards). See `classify_source`.
         split: split name; an unknown split is an error naming the splits that exist. For a folder, splits come
             from its list files' names, and a folder with one unsplit list serves it as every standard split
             (see `modeling_moa_depthclip.data.layouts`). For synthetic data it picks the seed stream.
@@ -394,7 +304,7 @@ def load_depth_dataset(
             units per metre; default: the rule of `modeling_moa_depthclip.data.reading` (floats are metres, 8-bit
             integers DenseDepth's scale, other integers millimetres).
         image_column, depth_column: columns of a Hub or saved dataset; detected if None.
-        streaming: stream a Hub dataset (returns a `datasets.IterableDataset`).
+        streaming: stream a Hub dataset or tar shards member by member (returns a `datasets.IterableDataset`).
         num_samples: keep the first N examples (synthetic: N scenes, default 200 for train and 24 otherwise).
         seed, height, width: seed stream and frame size of synthetic scenes.
         data_root: folder the paths of a CSV or filenames file are relative to, if not next to it.
@@ -420,17 +330,41 @@ def load_depth_dataset(
     if kind is SourceKind.FOLDER and _is_saved_dataset(path):
         return _load_saved(path, split, image_column, depth_column, num_samples, decoder_kwargs)
     if kind in (SourceKind.FILE, SourceKind.FOLDER):
+        layout = find_nyu_layout(path)
+        if layout is not None:
+            return _take(load_nyu_layout(path, layout, split, streaming=streaming, **decoder_kwargs), num_samples)
         return _load_local_list(path, split, root, num_samples, decoder_kwargs)
     return _load_hub(source, split, streaming, image_column, depth_column, num_samples, decoder_kwargs)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _load_hub(source: str, split: str, streaming: bool, image_column, depth_column, num_samples, decoder_kwargs):
     import datasets
 
+    from .hub import is_loading_script_error, load_hub_tar_shards
+
+    # A streaming view first: it tells what the repository holds without downloading or converting it.
     try:
-        hf = datasets.load_dataset(source, split=split, streaming=streaming)
+        stream = datasets.load_dataset(source, split=split, streaming=True)
+        columns = list(stream.column_names or []) or list(next(iter(stream), {}).keys())
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"cannot load Hub dataset {source!r} (split={split!r}): {first_line}") from exc
+        if not is_loading_script_error(exc):
+            raise ValueError(f"cannot load Hub dataset {source!r} (split={split!r}): {_first_line(exc)}") from exc
+        reason = f"datasets.load_dataset cannot read it ({_first_line(exc)})"
+        return _take(load_hub_tar_shards(source, split, reason=reason, streaming=streaming, **decoder_kwargs), num_samples)
+    if "h5" in columns and not any(c in columns for c in _IMAGE_COLUMNS):
+        reason = "it holds tar shards of .h5 frames, which datasets.load_dataset reads as undecoded bytes"
+        return _take(load_hub_tar_shards(source, split, reason=reason, streaming=streaming, **decoder_kwargs), num_samples)
+    if streaming:
+        hf = stream
+    else:
+        try:
+            hf = datasets.load_dataset(source, split=split)
+        except Exception as exc:
+            raise ValueError(f"cannot load Hub dataset {source!r} (split={split!r}): {_first_line(exc)}") from exc
+    logger.info(f"{source} ({split}): loaded with datasets.load_dataset" + (" (streaming)" if streaming else ""))
     return _wrap_hf(hf, split, source, image_column, depth_column, num_samples, decoder_kwargs)
 
