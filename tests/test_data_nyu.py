@@ -17,7 +17,8 @@ from PIL import Image
 
 from modeling_moa_depthclip import MoADepthCLIPConfig
 from modeling_moa_depthclip.data import load_depth_dataset
-from modeling_moa_depthclip.metrics import METRIC_KEYS, compute_depth_metrics
+from modeling_moa_depthclip.evaluation import evaluate
+from modeling_moa_depthclip.metrics import METRIC_KEYS
 
 h5py = pytest.importorskip("h5py")
 datasets = pytest.importorskip("datasets")
@@ -63,15 +64,16 @@ def _write_tar(path: Path, members: dict[str, Path]) -> None:
 
 
 def _metrics(dataset):
-    """Mean metrics of a fixed prediction (a function of the image) with the model config's range."""
+    """Metrics of the package's evaluation for a fixed prediction (a function of the image), in the config's range."""
     config = MoADepthCLIPConfig()
-    per_image = []
-    for example in dataset:
-        prediction = 0.5 + 4.0 * np.asarray(example["image"], np.float32).mean(axis=-1) / 255.0
-        per_image.append(compute_depth_metrics(
-            prediction, example["depth"], min_depth=config.min_depth, max_depth=config.max_depth, crop="eigen"
-        ))
-    return {key: float(np.mean([m[key] for m in per_image])) for key in METRIC_KEYS}
+
+    def predict(examples):
+        return [0.5 + 4.0 * np.asarray(e["image"], np.float32).mean(axis=-1) / 255.0 for e in examples]
+
+    result = evaluate(None, None, dataset, min_depth=config.min_depth, max_depth=config.max_depth, crop="eigen",
+                      predict_fn=predict, num_visual_samples=0, show_progress=False)
+    assert result["num_images"] == NUM_FRAMES
+    return result["metrics"]
 
 
 def _assert_same_frames(dataset, reference):
