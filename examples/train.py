@@ -819,7 +819,7 @@ def final_evaluation(args, accelerator, model, image_processor, input_size, prog
                            timings=timings)
 
 
-def write_report(args, output_dir: Path, progress, description: str, final, summary: dict):
+def write_report(args, output_dir: Path, progress, description: str, eval_split, final, summary: dict):
     """timings.json, the metrics.json/md of every test dataset, and the closing lines on stdout (main process)."""
     global_step = progress.global_step
     train_seconds, eval_seconds = summary["train_seconds"], summary["periodic_eval_seconds"]
@@ -855,7 +855,7 @@ def write_report(args, output_dir: Path, progress, description: str, final, summ
                   f"{final.timings[label]:.0f} s): {paths['metrics_json'].parent}/ [metrics.json, metrics.md, "
                   f"per_image_metrics.csv{', samples.png' if 'samples_png' in paths else ''}]")
     if progress.best_step is not None:
-        print(f"Best model: {output_dir / 'best'} (step {progress.best_step}, eval {args.metric_for_best_model} "
+        print(f"Best model: {output_dir / 'best'} (step {progress.best_step}, eval {eval_split} {args.metric_for_best_model} "
               f"{progress.best_metric:.4f})")
     print(f"Final model: {output_dir / 'final'}")
     if summary.get("loss_curve") is not None:
@@ -962,7 +962,7 @@ def run(argv: Sequence[str] | None, cleanup: contextlib.ExitStack) -> dict:
         total_seconds=time.perf_counter() - total_start,
     )
     if accelerator.is_main_process:
-        write_report(args, output_dir, progress, description, final, summary)
+        write_report(args, output_dir, progress, description, data.eval_split, final, summary)
     return summary
 
 
