@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, MoADepthCLIPImageProcessor  # noqa: E402
+from modeling_moa_depthclip.arguments import non_negative_int, positive_int  # noqa: E402
 from modeling_moa_depthclip.ablation import ABLATION_VARIANTS, build_variant, variant_config  # noqa: E402
 from modeling_moa_depthclip.configuration_moa_depthclip import config_from_name  # noqa: E402
 from modeling_moa_depthclip.evaluation import (  # noqa: E402
@@ -72,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval_dataset", default=None, help="evaluation data (default: --dataset)")
     parser.add_argument("--eval_split", default="test", help="split of --eval_dataset every variant is scored on")
     parser.add_argument("--eval_crop", default="eigen", choices=["eigen", "garg", "none"], help="evaluation crop")
-    parser.add_argument("--max_eval_samples", type=int, default=12,
+    parser.add_argument("--max_eval_samples", type=non_negative_int, default=12,
                         help="score only the first N frames (0: all of the split)")  # fmt: skip
-    parser.add_argument("--max_train_steps", type=int, default=40, help="optimiser steps of every trained variant")
-    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
+    parser.add_argument("--max_train_steps", type=positive_int, default=40, help="optimiser steps of every trained variant")
+    parser.add_argument("--per_device_train_batch_size", type=positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="seed of the variants' new modules and of training")
-    parser.add_argument("--synthetic_size", type=int, nargs=2, default=[120, 160], metavar=("HEIGHT", "WIDTH"),
+    parser.add_argument("--synthetic_size", type=positive_int, nargs=2, default=[120, 160], metavar=("HEIGHT", "WIDTH"),
                         help="frame size of synthetic scenes, training and evaluation")
     parser.add_argument("--train_args", default="", metavar="'ARGS'",
                         help="further examples/train.py flags for every variant, quoted as one string, e.g. "

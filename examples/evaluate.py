@@ -48,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(1, str(REPO_ROOT))
 
+from modeling_moa_depthclip.arguments import positive_int  # noqa: E402
 from modeling_moa_depthclip.evaluation import (  # noqa: E402
     CROPS,
     ModelLoadError,
@@ -61,16 +62,6 @@ from modeling_moa_depthclip.evaluation import (  # noqa: E402
     load_model_and_processor,
     write_evaluation_outputs,
 )
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:

@@ -68,6 +68,7 @@ from modeling_moa_depthclip import (  # noqa: E402
     MoADepthCLIPForDepthEstimation,
     MoADepthCLIPImageProcessor,
 )
+from modeling_moa_depthclip.arguments import non_negative_int, positive_float, positive_int  # noqa: E402
 from modeling_moa_depthclip.checkpointing import (  # noqa: E402
     CheckpointError,
     GracefulInterrupt,
@@ -79,7 +80,6 @@ from modeling_moa_depthclip.checkpointing import (  # noqa: E402
     first_example_with_valid_depth,
     gradient_norm,
     kill_point,
-    list_checkpoints,
     lock_holder,
     resolve_resume_checkpoint,
     save_checkpoint,
@@ -126,36 +126,6 @@ DEFAULT_MAX_TRAIN_STEPS = 150
 # ------------------------------------------------------------------------------------------------
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{Path(__file__).name}",
@@ -194,12 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="final evaluation after training, each 'SOURCE' or 'SOURCE:SPLIT'; default: the training dataset's "
         "test split and the shared NYU frames (../shared/data/nyu_eigen_test_sample) if present; 'none' skips it",
     )
-    data.add_argument("--max_train_samples", type=_positive_int, default=None,
+    data.add_argument("--max_train_samples", type=positive_int, default=None,
                       help="use the first N training examples (synthetic: N scenes; default 200)")
-    data.add_argument("--max_eval_samples", type=_positive_int, default=None,
+    data.add_argument("--max_eval_samples", type=positive_int, default=None,
                       help="use the first N eval examples (synthetic default 24)")
     data.add_argument(
-        "--input_size", type=_positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
+        "--input_size", type=positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=None,
         help="model input size (multiples of the patch size); default: the checkpoint's image processor, or "
         "image_size x image_size of the config (224x224 for ViT-B/32)",
     )
@@ -209,33 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
         "of resizing it to the input size with nearest neighbour",
     )
     data.add_argument(
-        "--synthetic_size", type=_positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=(240, 320),
+        "--synthetic_size", type=positive_int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=(240, 320),
         help="render size of synthetic training/validation scenes (the synthetic test split is rendered at 480x640)",
     )
     data.add_argument("--no_augmentation", action="store_true", help="train without DepthAugmentation")
-    data.add_argument("--dataloader_num_workers", type=_non_negative_int, default=0)
+    data.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--per_device_train_batch_size", type=_positive_int, default=8)
-    optim.add_argument("--per_device_eval_batch_size", type=_positive_int, default=8)
-    optim.add_argument("--learning_rate", type=_positive_float, default=1e-4,
+    optim.add_argument("--per_device_train_batch_size", type=positive_int, default=8)
+    optim.add_argument("--per_device_eval_batch_size", type=positive_int, default=8)
+    optim.add_argument("--learning_rate", type=positive_float, default=1e-4,
                        help="MoA, semantic context, decoder and head")
-    optim.add_argument("--backbone_learning_rate", type=_positive_float, default=1e-5,
+    optim.add_argument("--backbone_learning_rate", type=positive_float, default=1e-5,
                        help="unfrozen CLIP blocks (vision_model.*)")
     optim.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
     optim.add_argument(
-        "--max_train_steps", type=_positive_int, default=None,
+        "--max_train_steps", type=positive_int, default=None,
         help=f"optimizer steps; overrides --num_train_epochs; default {DEFAULT_MAX_TRAIN_STEPS} when neither is given",
     )
-    optim.add_argument("--num_train_epochs", type=_positive_int, default=None)
-    optim.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    optim.add_argument("--num_train_epochs", type=positive_int, default=None)
+    optim.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     optim.add_argument(
         "--lr_scheduler_type", default="cosine",
         choices=["cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial"],
         help="transformers get_scheduler name (after linear warm-up)",
     )
-    optim.add_argument("--num_warmup_steps", type=_non_negative_int, default=None,
+    optim.add_argument("--num_warmup_steps", type=non_negative_int, default=None,
                        help="linear warm-up steps; default 5%% of the training steps")
     optim.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
                        help="passed to Accelerator; default: accelerate launch's setting")
@@ -251,19 +221,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite_output_dir", action="store_true",
                      help="write into a non-empty --output_dir that is not from a previous run of this script, or "
                      "replace the checkpoints, best/ and final/ of an earlier run there")
-    run.add_argument("--checkpointing_steps", type=_non_negative_int, default=100,
+    run.add_argument("--checkpointing_steps", type=non_negative_int, default=100,
                      help="accelerate.save_state every N steps into output_dir/checkpoints/step_N (0: never)")
-    run.add_argument("--checkpoints_total_limit", type=_non_negative_int, default=2,
+    run.add_argument("--checkpoints_total_limit", type=non_negative_int, default=2,
                      help="keep only the last N checkpoints (0: keep all)")
     run.add_argument("--resume_from_checkpoint", default=None,
                      help="'latest' (the newest complete one in output_dir/checkpoints; incomplete ones are skipped "
                      "with a warning) or a step_N folder")
     run.add_argument(
-        "--stop_after_steps", type=_positive_int, default=None,
+        "--stop_after_steps", type=positive_int, default=None,
         help="end this run after this many steps (counted from the start of training), saving a checkpoint and "
         "skipping the final evaluation: for time-boxed jobs; the schedule still follows --max_train_steps",
     )
-    run.add_argument("--eval_steps", type=_non_negative_int, default=50,
+    run.add_argument("--eval_steps", type=non_negative_int, default=50,
                      help="evaluate on the eval split every N steps and after the last step (0: only after the last)")
     run.add_argument("--metric_for_best_model", choices=["abs_rel", "rmse"], default="abs_rel")
     run.add_argument("--eval_crop", choices=["eigen", "garg", "none"], default="eigen")
@@ -272,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="which weights the final evaluation scores")
     run.add_argument("--report_to", choices=["tensorboard", "none"], default="tensorboard",
                      help="TensorBoard logging (skipped with a notice if tensorboard is not installed)")
-    run.add_argument("--num_visual_samples", type=_non_negative_int, default=4, help="frames per samples.png")
+    run.add_argument("--num_visual_samples", type=non_negative_int, default=4, help="frames per samples.png")
     return parser
 
 

@@ -19,6 +19,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image
 
+from .arguments import positive_int
 from .image_processing_moa_depthclip import ImageLoadError, load_image_file
 from .point_cloud import DEFAULT_HFOV_DEG, depth_to_point_cloud, parse_intrinsics, resolve_intrinsics, write_ply
 from .visualization import colorize_depth
@@ -202,16 +203,6 @@ def predict(args) -> int:
 # arguments
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _intrinsics_argument(text: str):
     try:
         return parse_intrinsics(text)
@@ -257,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--model", required=True, help="saved model folder or Hugging Face Hub id")
     predict_parser.add_argument("--output-dir", required=True, help="folder for the depth files")
     predict_parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    predict_parser.add_argument("--batch-size", type=_positive_int, default=1, help="images per forward pass")
+    predict_parser.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass")
     predict_parser.add_argument(
         "--dtype", choices=DTYPES, default=None,
         help="weights and activations (default: float32 as saved; bfloat16 is faster on recent CPUs and GPUs)",
