@@ -57,18 +57,25 @@ CAMERAS = [
 ]
 
 
-class ImageUpload(gr.Image):
-    """`gr.Image` whose unreadable uploads fail with one message naming the file (drawn by gr.Image's frontend)."""
+def image_upload(**kwargs) -> gr.Image:
+    """`gr.Image` whose unreadable uploads fail with one message naming the file (drawn by gr.Image's frontend).
 
-    is_template = True
+    Its `preprocess` is wrapped on the instance: a subclass would make Gradio's component metaclass write an
+    `app.pyi` stub beside this file at every start.
+    """
+    component = gr.Image(**kwargs)
+    stock_preprocess = component.preprocess
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return stock_preprocess(payload)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
             name = (payload.orig_name or Path(payload.path or "upload").name) if payload else "upload"
             raise gr.Error(f"{name}: not a readable image ({type(error).__name__}); upload a PNG, JPEG or WebP "
                            "photo") from None  # fmt: skip
+
+    component.preprocess = preprocess
+    return component
 
 
 def find_nyu_sample() -> Path | None:
@@ -244,7 +251,7 @@ class DepthDemo:
             )
             with gr.Row(equal_height=False):
                 with gr.Column(scale=2, min_width=320):
-                    image_input = ImageUpload(
+                    image_input = image_upload(
                         label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                         height=300, elem_id="input-image",
                     )  # fmt: skip
