@@ -8,9 +8,7 @@ import copy
 import math
 import os
 import pickle
-import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPModel, CLIPVisionModel
 
 # tests/ and conversion/ are not installed packages; import from the repository root.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_moa_depthclip.clip_checkpoints import (  # noqa: E402
     OPENAI_CLIP_TOKENIZER,

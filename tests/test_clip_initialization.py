@@ -1,15 +1,12 @@
 """modeling_moa_depthclip.clip_initialization: one routine copies a CLIP checkpoint into a model built from a config
 (as `examples/train.py --clip_model` does) and builds the converter's model (`model_from_clip`)."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_moa_depthclip import DEPTHCLIP_PROMPTS, MoADepthCLIPConfig, MoADepthCLIPForDepthEstimation  # noqa: E402
 from modeling_moa_depthclip.clip_initialization import (  # noqa: E402

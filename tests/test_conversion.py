@@ -6,8 +6,6 @@ forward pass (OpenAI layout) or `CLIPModel.get_text_features` (HF folders).
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +14,7 @@ from huggingface_hub import metadata_load
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForDepthEstimation, CLIPConfig, CLIPModel, CLIPTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conversion import convert_clip_to_moa_depthclip as converter  # noqa: E402
 from conversion.common import build_config  # noqa: E402
 from conversion.convert_clip_to_moa_depthclip import main  # noqa: E402
 from modeling_moa_depthclip import DEPTHCLIP_PROMPTS, MoADepthCLIPForDepthEstimation  # noqa: E402

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from modeling_moa_depthclip.evaluation import (
     ModelLoadError,

@@ -16,8 +16,6 @@ import onnx  # noqa: E402
 import onnxruntime  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conversion import export_onnx as exporter  # noqa: E402
 from conversion.onnx_inference import OnnxDepthEstimator, resize_bilinear  # noqa: E402

@@ -6,8 +6,6 @@ both converters.
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForDepthEstimation
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conversion import convert_prototype_checkpoint as prototype  # noqa: E402
 from conversion.convert_clip_to_moa_depthclip import ConversionError  # noqa: E402

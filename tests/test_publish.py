@@ -3,7 +3,6 @@
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 import yaml
 from huggingface_hub import ModelCard, metadata_load
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conversion import convert_clip_to_moa_depthclip as converter  # noqa: E402
 from conversion import publish  # noqa: E402

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from huggingface_hub import metadata_load
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import REPO_ROOT  # noqa: E402
 from conversion import publish  # noqa: E402

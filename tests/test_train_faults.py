@@ -8,7 +8,6 @@ points through the `MOA_DEPTHCLIP_KILL_AT` hook of modeling_moa_depthclip.checkp
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

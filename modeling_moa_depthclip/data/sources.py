@@ -25,8 +25,6 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from .decoding import DepthExampleDecoder, Example
 from .layouts import find_split_lists, read_bts_list, read_densedepth_csv, select_split
 from .nyu import find_nyu_layout, load_nyu_layout
