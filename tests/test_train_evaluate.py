@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from modeling_moa_depthclip import evaluation
+from modeling_moa_depthclip.checkpointing import list_checkpoints
 from modeling_moa_depthclip.metrics import METRIC_KEYS, compute_depth_metrics, eigen_crop_mask
 
 from tiny_models import tiny_config, tiny_processor
@@ -237,13 +238,13 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(run_train, tmp_p
     straight = run_train(*common, "--output_dir", tmp_path / "straight")
     first = run_train(*common, "--stop_after_steps", 5, "--output_dir", tmp_path / "resumed")
     assert first["global_step"] == 5 and not (tmp_path / "resumed" / "final").exists()
-    assert [p.name for _, p in train_script.list_checkpoints(tmp_path / "resumed")] == ["step_4", "step_5"]
+    assert [p.name for _, p in list_checkpoints(tmp_path / "resumed")] == ["step_4", "step_5"]
     checkpoint = tmp_path / "resumed" / "checkpoints" / "step_5"
     assert json.loads((checkpoint / "training_progress.json").read_text())["global_step"] == 5
     assert not list(checkpoint.glob("custom_checkpoint_*"))  # nothing that would be unpickled without weights_only
     resumed = run_train(*common, "--resume_from_checkpoint", "latest", "--output_dir", tmp_path / "resumed")
     assert resumed["global_step"] == 10
-    assert [p.name for _, p in train_script.list_checkpoints(tmp_path / "straight")] == ["step_8", "step_10"]
+    assert [p.name for _, p in list_checkpoints(tmp_path / "straight")] == ["step_8", "step_10"]
 
     assert resumed["loss_history"] == straight["loss_history"]
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")

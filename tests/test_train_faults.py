@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_moa_depthclip.checkpointing import KILL_ENV, LOCK_FILE
+from modeling_moa_depthclip.checkpointing import KILL_ENV, LOCK_FILE, list_checkpoints
 
 from test_train_evaluate import ACCELERATE, EXAMPLES, _error_of, _subprocess_env, one_thread, run_train, train_script  # noqa: F401
 
@@ -85,7 +85,7 @@ def test_killed_at_any_moment_and_resumed_with_latest_ends_bit_for_bit_like_an_u
     finished = _train_process(out, "--resume_from_checkpoint", "latest")
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert f"resumed from {checkpoints / 'step_6'}" in finished.stderr
-    assert _entries(checkpoints) == ["step_6", "step_8"] == [p.name for _, p in train_script.list_checkpoints(out)]
+    assert _entries(checkpoints) == ["step_6", "step_8"] == [p.name for _, p in list_checkpoints(out)]
     assert _entries(out) == _entries(tmp_path / "straight")  # no leftovers, no lock
 
     _assert_same_weights(out / "final", tmp_path / "straight" / "final")
@@ -149,7 +149,7 @@ def test_one_run_per_output_folder_and_nothing_of_an_earlier_run_is_replaced_una
     # asked: it replaces them
     summary = run_train(*args, "--overwrite_output_dir", "--max_train_steps", 1)
     assert summary["global_step"] == 1
-    assert [p.name for _, p in train_script.list_checkpoints(out)] == ["step_1"]
+    assert [p.name for _, p in list_checkpoints(out)] == ["step_1"]
     assert json.loads((out / "final" / "training_info.json").read_text())["step"] == 1
 
 
@@ -180,7 +180,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_exit_code_130(run_t
     with pytest.raises(SystemExit) as exit_info:
         run_train(*COMMON, "--output_dir", tmp_path / "run")
     assert exit_info.value.code == 130
-    assert [p.name for _, p in train_script.list_checkpoints(tmp_path / "run")] == ["step_2"]
+    assert [p.name for _, p in list_checkpoints(tmp_path / "run")] == ["step_2"]
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / LOCK_FILE).exists()
     err = capsys.readouterr().err
     assert "Stopped by SIGINT after step 2" in err and err.strip().endswith("--resume_from_checkpoint latest")
@@ -197,7 +197,7 @@ def test_divergence_stops_naming_the_step_or_is_skipped_and_never_saved(run_trai
     assert message.startswith("train.py: error: training diverged at step 2: the loss is nan"), message
     out = tmp_path / "error"
     assert not (out / "final").exists() and not (out / LOCK_FILE).exists()
-    assert [p.name for _, p in train_script.list_checkpoints(out)] == ["step_1"]  # step 1 was still finite
+    assert [p.name for _, p in list_checkpoints(out)] == ["step_1"]  # step 1 was still finite
     assert json.loads((out / "best" / "training_info.json").read_text())["step"] == 1
 
     summary = run_train(*COMMON, *diverging, "--on_nonfinite", "skip", "--output_dir", tmp_path / "skip")
