@@ -5,7 +5,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPModel
 
 
 from modeling_moa_depthclip import DEPTHCLIP_PROMPTS, MoADepthCLIPConfig, MoADepthCLIPForDepthEstimation  # noqa: E402
@@ -14,7 +14,7 @@ from modeling_moa_depthclip.clip_initialization import (  # noqa: E402
     init_from_clip,
     model_from_clip,
 )
-from test_conversion import PROMPT_TEXTS, make_clip_tokenizer, openai_state_dict_for  # noqa: E402
+from test_conversion import PROMPT_TEXTS, make_clip_tokenizer, openai_state_dict_for, tiny_clip_config  # noqa: E402
 
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=32,
               patch_size=8, hidden_act="quick_gelu")  # fmt: skip
@@ -24,13 +24,7 @@ VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_at
 def hf_clip(tmp_path_factory):
     """(folder, CLIPModel): a tiny CLIP saved with save_pretrained, with its own tokenizer."""
     tokenizer = make_clip_tokenizer(PROMPT_TEXTS)
-    vocab = len(tokenizer)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab - 2,
-                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        vision_config=VISION, projection_dim=24,
-    )  # fmt: skip
+    config = tiny_clip_config(tokenizer, VISION, projection_dim=24)
     torch.manual_seed(3)
     clip = CLIPModel(config).eval()
     folder = tmp_path_factory.mktemp("clip") / "hf-clip"

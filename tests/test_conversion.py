@@ -72,6 +72,18 @@ def make_clip_tokenizer(texts, filler: int = 0) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
+def tiny_clip_config(tokenizer: CLIPTokenizer, vision_config: dict, projection_dim: int, text_hidden_size: int = 32,
+                     text_layers: int = 2) -> CLIPConfig:
+    """A tiny `CLIPConfig` whose text tower fits `tokenizer` (start/end of text are its last two ids)."""
+    vocab = len(tokenizer)
+    return CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=text_hidden_size, intermediate_size=2 * text_hidden_size,
+                         num_hidden_layers=text_layers, num_attention_heads=2, max_position_embeddings=16,
+                         bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+        vision_config=vision_config, projection_dim=projection_dim,
+    )  # fmt: skip
+
+
 PROMPT_TEXTS = DEPTHCLIP_PROMPTS + ["near wall", "far window"]
 
 
@@ -226,15 +238,9 @@ def test_every_source_form_gives_the_same_checkpoint(
 
 def test_hf_folder_with_its_own_tokenizer(tmp_path, capsys):
     tokenizer = make_clip_tokenizer(PROMPT_TEXTS)
-    vocab = len(tokenizer)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab - 2,
-                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=24,
-    )  # fmt: skip
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    config = tiny_clip_config(tokenizer, vision, projection_dim=24, text_hidden_size=64)
     torch.manual_seed(5)
     clip = CLIPModel(config).eval()
     folder = tmp_path / "hf-clip"

@@ -312,19 +312,15 @@ def test_mixed_precision_accumulation_and_gradient_checkpointing_run(run_train, 
 
 def test_local_pretrained_clip_initialises_the_backbone_else_a_warning(tmp_path, caplog, capsys):
     import torch.nn.functional as F
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
     from modeling_moa_depthclip import DEPTHCLIP_PROMPTS
-    from test_conversion import PROMPT_TEXTS, make_clip_tokenizer
+    from test_conversion import PROMPT_TEXTS, make_clip_tokenizer, tiny_clip_config
 
     tokenizer = make_clip_tokenizer(PROMPT_TEXTS)
-    vocab = len(tokenizer)
-    clip_config = CLIPConfig(
-        vision_config={**tiny_config().vision_config.to_dict(), "hidden_act": "quick_gelu"},
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=vocab, max_position_embeddings=16, bos_token_id=vocab - 2,
-                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        projection_dim=32,
+    clip_config = tiny_clip_config(
+        tokenizer, {**tiny_config().vision_config.to_dict(), "hidden_act": "quick_gelu"}, projection_dim=32,
+        text_layers=1,
     )
     torch.manual_seed(1)
     clip = CLIPModel(clip_config).eval()

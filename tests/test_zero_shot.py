@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoModelForDepthEstimation, CLIPConfig, CLIPModel, pipeline
+from transformers import AutoModelForDepthEstimation, CLIPModel, pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conversion import publish  # noqa: E402
 from conversion.convert_clip_to_moa_depthclip import main  # noqa: E402
 from modeling_moa_depthclip import DEPTHCLIP_PROMPTS, MoADepthCLIPForDepthEstimation  # noqa: E402
-from test_conversion import PROMPT_TEXTS, make_clip_tokenizer  # noqa: E402
+from test_conversion import PROMPT_TEXTS, make_clip_tokenizer, tiny_clip_config  # noqa: E402
 
 BINS = [1.00, 1.50, 2.00, 2.25, 2.50, 2.75, 3.00]  # DepthCLIP's depths, metres
 
@@ -24,15 +24,9 @@ BINS = [1.00, 1.50, 2.00, 2.25, 2.50, 2.75, 3.00]  # DepthCLIP's depths, metres
 @pytest.fixture(scope="module")
 def clip_and_folder(tmp_path_factory):
     tokenizer = make_clip_tokenizer(PROMPT_TEXTS)
-    vocab = len(tokenizer)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab - 2,
-                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    config = tiny_clip_config(tokenizer, vision, projection_dim=16)
     torch.manual_seed(7)
     clip = CLIPModel(config).eval()
     root = tmp_path_factory.mktemp("zero_shot")
