@@ -36,3 +36,14 @@ def nyu_sample_dataset(nyu_sample_dir):
 
     dataset = load_depth_dataset(nyu_sample_dir, split="test")
     return [dataset[i] for i in range(len(dataset))]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny saved MoA-DepthCLIP folder (model + image processor), shared: tests copy it before changing it.
+    Modules that need another checkpoint define their own `checkpoint`."""
+    from tiny_models import save_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny_checkpoint") / "model"
+    save_tiny_checkpoint(folder)
+    return folder

@@ -8,14 +8,6 @@ import pytest
 from PIL import Image
 
 from modeling_moa_depthclip.cli import main
-from tiny_models import save_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli_checkpoint")
-    save_tiny_checkpoint(folder)
-    return folder
 
 
 def test_predict_writes_millimetre_png_metre_npy_and_colour_png(checkpoint, nyu_sample_dir, tmp_path, capsys):

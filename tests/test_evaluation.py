@@ -22,17 +22,10 @@ from modeling_moa_depthclip.evaluation import (
     write_evaluation_outputs,
 )
 
-from tiny_models import save_tiny_checkpoint, tiny_processor
+from tiny_models import tiny_processor
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("evaluation_checkpoint") / "model"
-    save_tiny_checkpoint(folder)
-    return folder
 
 
 def _copy(checkpoint, tmp_path, name="copy") -> Path:

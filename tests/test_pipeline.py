@@ -13,13 +13,6 @@ from modeling_moa_depthclip import ImageLoadError, MoADepthCLIPDepthEstimationPi
 from tiny_models import save_tiny_checkpoint
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_checkpoint")
-    save_tiny_checkpoint(folder)
-    return folder
-
-
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__(level=logging.ERROR)

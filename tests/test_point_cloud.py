@@ -222,15 +222,6 @@ def test_glb_holds_the_points_in_gltf_axes(tmp_path):
 # ---------------------------------------------------------------- moa-depthclip predict --point-cloud
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from tiny_models import save_tiny_checkpoint
-
-    folder = tmp_path_factory.mktemp("point_cloud_checkpoint")
-    save_tiny_checkpoint(folder)
-    return folder
-
-
 def test_predict_writes_a_ply_per_image_with_the_chosen_camera(checkpoint, nyu_sample_dir, tmp_path, capsys):
     from modeling_moa_depthclip.cli import main
 
