@@ -7,7 +7,7 @@
     python -m conversion.publish --folder DIR --repo_id USER/NAME
 
 The model-side work (reading CLIP checkpoints, initialising a model from one) lives in the installed package
-(`modeling_moa_depthclip.clip_checkpoints`, `modeling_moa_depthclip.clip_initialization`); `conversion.common`
+(`modeling_moa_depthclip.clip.checkpoints`, `modeling_moa_depthclip.clip.initialization`); `conversion.common`
 holds what the converters share (output folders, self-checks, command-line options), `conversion.model_card` the
 model card.
 """

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForDepthEstimation, CLIPVisionConfig
 
 from modeling_moa_depthclip import MoADepthCLIPConfig, MoADepthCLIPForDepthEstimation
-from modeling_moa_depthclip.clip_initialization import config_from_clip
+from modeling_moa_depthclip.clip.initialization import config_from_clip
 
 __all__ = [
     "ConversionError",

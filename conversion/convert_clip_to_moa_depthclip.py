@@ -2,7 +2,7 @@
 
     python -m conversion.convert_clip_to_moa_depthclip --clip_model SOURCE --output_dir DIR [options]
 
-SOURCE is any CLIP ViT checkpoint `modeling_moa_depthclip.clip_checkpoints` reads: a Hub id (`openai/clip-vit-base-patch32`)
+SOURCE is any CLIP ViT checkpoint `modeling_moa_depthclip.clip.checkpoints` reads: a Hub id (`openai/clip-vit-base-patch32`)
 or a folder written by `CLIPModel.save_pretrained` (with its tokenizer), an original OpenAI checkpoint (the
 `ViT-B-32.pt` TorchScript archive or a plain state dict in OpenAI's key layout), or an open_clip state dict
 (`.bin`, `.pt`, `.safetensors`).
@@ -54,8 +54,8 @@ from conversion.common import (  # noqa: E402
 )
 from conversion.model_card import ModelCardError, config_details, render_model_card  # noqa: E402
 from modeling_moa_depthclip import MoADepthCLIPConfig, MoADepthCLIPImageProcessor  # noqa: E402
-from modeling_moa_depthclip.clip_checkpoints import OPENAI_CLIP_TOKENIZER  # noqa: E402
-from modeling_moa_depthclip.clip_initialization import model_from_clip  # noqa: E402
+from modeling_moa_depthclip.clip.checkpoints import OPENAI_CLIP_TOKENIZER  # noqa: E402
+from modeling_moa_depthclip.clip.initialization import model_from_clip  # noqa: E402
 
 __all__ = ["ConversionResult", "build_parser", "checkpoint_status", "convert", "main"]
 

@@ -8,7 +8,7 @@ The prototype saved an open_clip ViT image tower (`visual.*`), one MLP adapter p
 `x + adapter(x)` after blocks 2, 5, 8, 11; `i` counts the adapters in block order) and `project_to_text_dim`
 (Linear 768->512) feeding its prompt-scoring depth head. What maps, exactly:
 
-* `visual.*` -> `vision_model.*` through `modeling_moa_depthclip.clip_checkpoints`' OpenAI->transformers conversion of the image tower;
+* `visual.*` -> `vision_model.*` through `modeling_moa_depthclip.clip.checkpoints`' OpenAI->transformers conversion of the image tower;
 * adapter `i` -> the one-expert Mixture-of-Adapters after block `adapter_layers[i]` (`num_experts=1`: the softmax
   over one expert is exactly 1, so the router has no effect and `x + up(gelu(down(x)))` is reproduced exactly);
 * `semantic_context.image_projection` (applied to CLIP's `ln_post(CLS)`) <- `visual.proj`, CLIP's own projection of
@@ -55,14 +55,14 @@ from conversion.common import (  # noqa: E402
 )
 from conversion.model_card import ModelCardError, config_details, render_model_card  # noqa: E402
 from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, MoADepthCLIPImageProcessor  # noqa: E402
-from modeling_moa_depthclip.clip_checkpoints import (  # noqa: E402
+from modeling_moa_depthclip.clip.checkpoints import (  # noqa: E402
     OPENAI_CLIP_TOKENIZER,
     load_clip_checkpoint,
     openai_visual_to_hf,
     unwrap_state_dict,
     vision_state_dict,
 )
-from modeling_moa_depthclip.clip_initialization import compute_prompt_embeddings, load_tokenizer  # noqa: E402
+from modeling_moa_depthclip.clip.initialization import compute_prompt_embeddings, load_tokenizer  # noqa: E402
 
 __all__ = ["PrototypeConversion", "convert_prototype", "load_prototype_state_dict", "main", "map_prototype"]
 

@@ -177,7 +177,7 @@ def collect_images(sources, limit: int) -> list[Path]:
 
 
 def load_model_and_processor(folder):
-    from modeling_moa_depthclip.evaluation import ModelLoadError, load_model_and_processor as load
+    from modeling_moa_depthclip.loading import ModelLoadError, load_model_and_processor as load
 
     try:
         return load(folder)

@@ -30,10 +30,10 @@ except ImportError:  # run from a checkout without installing the package
 
 import gradio as gr
 
-from modeling_moa_depthclip.cli import depth_to_millimetres_png, load_depth_pipeline
+from modeling_moa_depthclip.cli.predict import depth_to_millimetres_png, load_depth_pipeline
 from modeling_moa_depthclip.data import NYU_HFOV_DEG, render_synthetic_scene
 from modeling_moa_depthclip.image_processing_moa_depthclip import ImageLoadError, load_image_file
-from modeling_moa_depthclip.point_cloud import (
+from modeling_moa_depthclip.geometry.point_cloud import (
     DEFAULT_HFOV_DEG,
     NYU_INTRINSICS,
     depth_to_point_cloud,

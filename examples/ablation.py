@@ -5,7 +5,7 @@
     python examples/ablation.py --model checkpoints/moa-depthclip-init --dataset sayakpaul/nyu_depth_v2 \
         --eval_dataset PATH/TO/nyu_test_654 --max_train_steps 20000 --output_dir outputs/ablation
 
-Each variant of `modeling_moa_depthclip.ablation.ABLATION_VARIANTS` (or those named by `--variants`) is the starting
+Each variant of `modeling_moa_depthclip.training.ablation.ABLATION_VARIANTS` (or those named by `--variants`) is the starting
 model (`--model FOLDER`, or `--config_name NAME` built with `--seed`) with a few configuration fields changed, keeping
 every weight of the starting model that still fits. Every variant that trains is trained by `examples/train.py`,
 run as a subprocess on the variant's initial folder with the same data, steps, seed and `--train_args`; the
@@ -38,17 +38,16 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, MoADepthCLIPImageProcessor  # noqa: E402
-from modeling_moa_depthclip.arguments import non_negative_int, positive_int  # noqa: E402
-from modeling_moa_depthclip.ablation import ABLATION_VARIANTS, build_variant, variant_config  # noqa: E402
+from modeling_moa_depthclip.cli.arguments import non_negative_int, positive_int  # noqa: E402
+from modeling_moa_depthclip.training.ablation import ABLATION_VARIANTS, build_variant, variant_config  # noqa: E402
 from modeling_moa_depthclip.configuration_moa_depthclip import config_from_name  # noqa: E402
 from modeling_moa_depthclip.evaluation import (  # noqa: E402
-    ModelLoadError,
     evaluate,
     load_dataset_or_error,
-    load_model_and_processor,
     write_evaluation_outputs,
 )
-from modeling_moa_depthclip.metrics import METRIC_KEYS  # noqa: E402
+from modeling_moa_depthclip.loading import ModelLoadError, load_model_and_processor  # noqa: E402
+from modeling_moa_depthclip.evaluation.metrics import METRIC_KEYS  # noqa: E402
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent

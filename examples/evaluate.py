@@ -48,20 +48,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(1, str(REPO_ROOT))
 
-from modeling_moa_depthclip.arguments import positive_int  # noqa: E402
-from modeling_moa_depthclip.evaluation import (  # noqa: E402
+from modeling_moa_depthclip.cli.arguments import positive_int  # noqa: E402
+from modeling_moa_depthclip.evaluation import (
+    # noqa: E402
     CROPS,
-    ModelLoadError,
     check_output_dir,
     dataset_label,
     default_nyu_sample_dir,
     evaluate,
     format_report,
-    load_config,
     load_dataset_or_error,
-    load_model_and_processor,
     write_evaluation_outputs,
 )
+from modeling_moa_depthclip.loading import ModelLoadError, load_config, load_model_and_processor
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:

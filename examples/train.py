@@ -68,8 +68,8 @@ from modeling_moa_depthclip import (  # noqa: E402
     MoADepthCLIPForDepthEstimation,
     MoADepthCLIPImageProcessor,
 )
-from modeling_moa_depthclip.arguments import non_negative_int, positive_float, positive_int  # noqa: E402
-from modeling_moa_depthclip.checkpointing import (  # noqa: E402
+from modeling_moa_depthclip.cli.arguments import non_negative_int, positive_float, positive_int  # noqa: E402
+from modeling_moa_depthclip.training.run_folder import (  # noqa: E402
     CheckpointError,
     GracefulInterrupt,
     NonFiniteGuard,
@@ -86,7 +86,7 @@ from modeling_moa_depthclip.checkpointing import (  # noqa: E402
     save_model_folder,
     start_run,
 )
-from modeling_moa_depthclip.clip_initialization import init_from_clip  # noqa: E402
+from modeling_moa_depthclip.clip.initialization import init_from_clip  # noqa: E402
 from modeling_moa_depthclip.configuration_moa_depthclip import config_from_name  # noqa: E402
 from modeling_moa_depthclip.data import (  # noqa: E402
     DepthAugmentation,
@@ -95,19 +95,18 @@ from modeling_moa_depthclip.data import (  # noqa: E402
     TrainingExamples,
     classify_source,
 )
-from modeling_moa_depthclip.evaluation import (  # noqa: E402
+from modeling_moa_depthclip.evaluation import (
+    # noqa: E402
     AVERAGING,
-    ModelLoadError,
     dataset_label,
     default_nyu_sample_dir,
     evaluate,
-    load_config,
     load_dataset_or_error,
-    load_model_and_processor,
     write_evaluation_outputs,
 )
-from modeling_moa_depthclip.metrics import format_metrics_markdown  # noqa: E402
-from modeling_moa_depthclip.optimization import create_lr_scheduler, default_warmup_steps, parameter_groups  # noqa: E402
+from modeling_moa_depthclip.loading import ModelLoadError, load_config, load_model_and_processor
+from modeling_moa_depthclip.evaluation.metrics import format_metrics_markdown  # noqa: E402
+from modeling_moa_depthclip.training.optimization import create_lr_scheduler, default_warmup_steps, parameter_groups  # noqa: E402
 from modeling_moa_depthclip.visualization import plot_loss_curve  # noqa: E402
 
 

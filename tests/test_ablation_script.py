@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from modeling_moa_depthclip.metrics import METRIC_KEYS
+from modeling_moa_depthclip.evaluation.metrics import METRIC_KEYS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ counted here from the configuration's sizes, independently of the model's own tr
 import pytest
 import torch
 
-from modeling_moa_depthclip.ablation import ABLATION_VARIANTS, build_variant, variant_config
+from modeling_moa_depthclip.training.ablation import ABLATION_VARIANTS, build_variant, variant_config
 from tiny_models import tiny_model
 
 D, INTERMEDIATE, P = 64, 128, 32  # tiny_models.TINY_VISION: width, MLP width, projection

@@ -1,4 +1,4 @@
-"""modeling_moa_depthclip.checkpointing: complete-or-invisible checkpoints, atomic model folders, the run lock,
+"""modeling_moa_depthclip.training.run_folder: complete-or-invisible checkpoints, atomic model folders, the run lock,
 signals and the divergence guard, on plain folders and a CPU Accelerator (no training)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_moa_depthclip import checkpointing as ckpt
-from modeling_moa_depthclip.checkpointing import (
+from modeling_moa_depthclip.training import run_folder as ckpt
+from modeling_moa_depthclip.training.run_folder import (
     CheckpointError,
     GracefulInterrupt,
     NonFiniteGuard,

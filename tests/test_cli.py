@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_moa_depthclip.cli import main
+from modeling_moa_depthclip.cli.predict import main
 
 
 def test_predict_writes_millimetre_png_metre_npy_and_colour_png(checkpoint, nyu_sample_dir, tmp_path, capsys):

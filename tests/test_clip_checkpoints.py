@@ -1,4 +1,4 @@
-"""Tests for modeling_moa_depthclip/clip_checkpoints.py on tiny, randomly initialised OpenAI-layout CLIPs.
+"""Tests for modeling_moa_depthclip/clip/checkpoints.py on tiny, randomly initialised OpenAI-layout CLIPs.
 
 No pretrained weights are available offline, so parity is checked against a reference forward
 pass written directly from the OpenAI layout below, independent of the converter.
@@ -18,7 +18,7 @@ from transformers import CLIPModel, CLIPVisionModel
 
 # tests/ and conversion/ are not installed packages; import from the repository root.
 
-from modeling_moa_depthclip.clip_checkpoints import (  # noqa: E402
+from modeling_moa_depthclip.clip.checkpoints import (  # noqa: E402
     OPENAI_CLIP_TOKENIZER,
     TorchScriptNotTrustedError,
     TorchScriptReadError,
@@ -28,7 +28,7 @@ from modeling_moa_depthclip.clip_checkpoints import (  # noqa: E402
     read_torchscript_state_dict,
     vision_state_dict,
 )
-from modeling_moa_depthclip import clip_checkpoints  # noqa: E402
+from modeling_moa_depthclip.clip import checkpoints as clip_checkpoints  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning"),

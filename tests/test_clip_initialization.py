@@ -1,4 +1,4 @@
-"""modeling_moa_depthclip.clip_initialization: one routine copies a CLIP checkpoint into a model built from a config
+"""modeling_moa_depthclip.clip.initialization: one routine copies a CLIP checkpoint into a model built from a config
 (as `examples/train.py --clip_model` does) and builds the converter's model (`model_from_clip`)."""
 
 
@@ -9,7 +9,7 @@ from transformers import CLIPModel
 
 
 from modeling_moa_depthclip import DEPTHCLIP_PROMPTS, MoADepthCLIPConfig, MoADepthCLIPForDepthEstimation  # noqa: E402
-from modeling_moa_depthclip.clip_initialization import (  # noqa: E402
+from modeling_moa_depthclip.clip.initialization import (  # noqa: E402
     ClipInitializationError,
     init_from_clip,
     model_from_clip,

@@ -375,7 +375,7 @@ def test_help_says_what_torchscript_loading_trusts(capsys):
 
 
 def test_build_config_keeps_defaults_for_unset_options(openai_sd):
-    from modeling_moa_depthclip.clip_checkpoints import openai_to_hf_clip
+    from modeling_moa_depthclip.clip.checkpoints import openai_to_hf_clip
 
     _, clip_config = openai_to_hf_clip(openai_sd)
     config = build_config(

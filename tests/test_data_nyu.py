@@ -18,7 +18,7 @@ from PIL import Image
 from modeling_moa_depthclip import MoADepthCLIPConfig
 from modeling_moa_depthclip.data import load_depth_dataset
 from modeling_moa_depthclip.evaluation import evaluate
-from modeling_moa_depthclip.metrics import METRIC_KEYS
+from modeling_moa_depthclip.evaluation.metrics import METRIC_KEYS
 
 h5py = pytest.importorskip("h5py")
 datasets = pytest.importorskip("datasets")

@@ -62,7 +62,7 @@ def app():
 
 @pytest.fixture(scope="module")
 def server(app, tmp_path_factory):
-    from modeling_moa_depthclip.cli import load_depth_pipeline
+    from modeling_moa_depthclip.cli.predict import load_depth_pipeline
 
     folder = tmp_path_factory.mktemp("demo_model")
     save_tiny_checkpoint(folder)
@@ -122,7 +122,7 @@ def test_client_gets_the_depth_files_of_a_real_nyu_frame(server, client, nyu_sam
     depth = _check_outputs(result, expected)
     _, records = _read_ply(result[7])
     # the NYU camera was used: x = (u + 1 - cx) z / fx with NYU's published (1-based) principal point
-    from modeling_moa_depthclip.point_cloud import NYU_INTRINSICS
+    from modeling_moa_depthclip.geometry.point_cloud import NYU_INTRINSICS
 
     u = np.tile(np.arange(640), 480)
     np.testing.assert_allclose(records["x"], (u - NYU_INTRINSICS.cx) * depth.ravel() / NYU_INTRINSICS.fx, atol=1e-5)

@@ -14,13 +14,11 @@ import pytest
 import torch
 
 from modeling_moa_depthclip.evaluation import (
-    ModelLoadError,
     check_output_dir,
     evaluate,
-    load_config,
-    load_model_and_processor,
     write_evaluation_outputs,
 )
+from modeling_moa_depthclip.loading import ModelLoadError, load_config, load_model_and_processor
 
 from tiny_models import tiny_processor
 
@@ -116,7 +114,7 @@ def test_every_loading_failure_is_one_line_naming_the_file_and_the_reason(checkp
 
 
 def test_cli_and_export_report_a_truncated_model_in_one_line(checkpoint, nyu_sample_dir, tmp_path, capsys):
-    from modeling_moa_depthclip.cli import main as cli_main
+    from modeling_moa_depthclip.cli.predict import main as cli_main
 
     truncated = _truncated(checkpoint, tmp_path)
     with pytest.raises(SystemExit) as exit_info:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_moa_depthclip.metrics import (
+from modeling_moa_depthclip.evaluation.metrics import (
     METRIC_KEYS,
     DepthMetricsAccumulator,
     NoValidDepthError,

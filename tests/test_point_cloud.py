@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from modeling_moa_depthclip.data import NYU_FOCAL, render_plane_depth
-from modeling_moa_depthclip.point_cloud import (
+from modeling_moa_depthclip.geometry.point_cloud import (
     DEFAULT_HFOV_DEG,
     NYU_INTRINSICS,
     CameraIntrinsics,
@@ -223,7 +223,7 @@ def test_glb_holds_the_points_in_gltf_axes(tmp_path):
 
 
 def test_predict_writes_a_ply_per_image_with_the_chosen_camera(checkpoint, nyu_sample_dir, tmp_path, capsys):
-    from modeling_moa_depthclip.cli import main
+    from modeling_moa_depthclip.cli.predict import main
 
     frame = nyu_sample_dir / "00000_colors.png"
     out = tmp_path / "out"
@@ -250,7 +250,7 @@ def test_predict_writes_a_ply_per_image_with_the_chosen_camera(checkpoint, nyu_s
 
 
 def test_predict_camera_options_are_checked(checkpoint, nyu_sample_dir, tmp_path, capsys):
-    from modeling_moa_depthclip.cli import main
+    from modeling_moa_depthclip.cli.predict import main
 
     argv = ["predict", str(nyu_sample_dir / "00000_colors.png"), "--model", str(checkpoint), "--output-dir",
             str(tmp_path / "out")]  # fmt: skip

@@ -65,7 +65,7 @@ def test_space_upload_carries_the_app_the_package_and_a_card_naming_the_model(hu
     package = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
     source = REPO_ROOT / "modeling_moa_depthclip"
     assert package == sorted(str(p.relative_to(source)) for p in source.rglob("*.py"))  # no caches, subpackages too
-    assert "point_cloud.py" in package and "__init__.py" in package
+    assert "geometry/point_cloud.py" in package and "__init__.py" in package
 
     # the uploaded app runs the card's model when no --model is given
     monkeypatch.delenv("MOA_DEPTHCLIP_MODEL", raising=False)

@@ -24,8 +24,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from modeling_moa_depthclip import evaluation
-from modeling_moa_depthclip.checkpointing import list_checkpoints
-from modeling_moa_depthclip.metrics import METRIC_KEYS, compute_depth_metrics, eigen_crop_mask
+from modeling_moa_depthclip.training.run_folder import list_checkpoints
+from modeling_moa_depthclip.loading import load_model_and_processor
+from modeling_moa_depthclip.evaluation.metrics import METRIC_KEYS, compute_depth_metrics, eigen_crop_mask
 
 from tiny_models import tiny_config, tiny_processor
 
@@ -280,7 +281,7 @@ def test_training_from_a_checkpoint_changes_only_the_trainable_weights(run_train
 
 def test_parameter_groups_follow_the_paper_recipe():
     from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
-    from modeling_moa_depthclip.optimization import parameter_groups
+    from modeling_moa_depthclip.training.optimization import parameter_groups
 
     model = MoADepthCLIPForDepthEstimation(tiny_config())
     groups = parameter_groups(model, 1e-4, 1e-5, 0.01)
@@ -520,7 +521,7 @@ def test_two_process_training_and_evaluation_count_every_frame_once(nyu_sample_d
     frame = load_depth_dataset(nyu_sample_dir, split="test")[0]
     prediction = np.load(tmp_path / "eval" / "predictions" / f"{frame['name']}.npy")
     assert prediction.dtype == np.float32 and prediction.shape == (480, 640)
-    model, processor = evaluation.load_model_and_processor(str(out / "final"))
+    model, processor = load_model_and_processor(str(out / "final"))
     recomputed = compute_depth_metrics(prediction, frame["depth"], model.config.min_depth, model.config.max_depth)
     stored = dict(zip(METRIC_KEYS, map(float, rows[names.index(frame["name"])].split(",")[1:])))
     for key in METRIC_KEYS:

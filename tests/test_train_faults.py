@@ -1,7 +1,7 @@
 """examples/train.py under faults: kills, signals, a second run, divergence, data without depth, broken models.
 
 The fault-injection test kills real training processes (tiny configuration, synthetic 48x64 scenes) at chosen
-points through the `MOA_DEPTHCLIP_KILL_AT` hook of modeling_moa_depthclip.checkpointing, resumes each time with
+points through the `MOA_DEPTHCLIP_KILL_AT` hook of modeling_moa_depthclip.training.run_folder, resumes each time with
 `--resume_from_checkpoint latest`, and requires the result to equal an uninterrupted run bit for bit.
 """
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_moa_depthclip.checkpointing import KILL_ENV, LOCK_FILE, list_checkpoints
+from modeling_moa_depthclip.training.run_folder import KILL_ENV, LOCK_FILE, list_checkpoints
 
 from test_train_evaluate import ACCELERATE, EXAMPLES, _error_of, _subprocess_env, one_thread, run_train, train_script  # noqa: F401
 
@@ -100,7 +100,7 @@ def test_killed_at_any_moment_and_resumed_with_latest_ends_bit_for_bit_like_an_u
 HOLDER = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
-from modeling_moa_depthclip.checkpointing import RunLock
+from modeling_moa_depthclip.training.run_folder import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)

@@ -9,8 +9,8 @@ from transformers import Trainer, TrainingArguments
 
 from modeling_moa_depthclip import MoADepthCLIPDepthEstimatorOutput
 from modeling_moa_depthclip.data import DepthCollator, load_depth_dataset
-from modeling_moa_depthclip.metrics import METRIC_KEYS, DepthMetricsAccumulator
-from modeling_moa_depthclip.trainer_utils import DepthMetrics
+from modeling_moa_depthclip.evaluation.metrics import METRIC_KEYS, DepthMetricsAccumulator
+from modeling_moa_depthclip.training.trainer_metrics import DepthMetrics
 from tiny_models import tiny_model, tiny_processor
 
 

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..point_cloud import NYU_INTRINSICS
+from ..geometry.point_cloud import NYU_INTRINSICS
 
 __all__ = [
     "NYU_FOCAL",

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .metrics import DepthMetricsAccumulator
+from ..evaluation.metrics import DepthMetricsAccumulator
 
 
 def _strip_padding(depth: np.ndarray, padding_index: float) -> np.ndarray:

@@ -10,8 +10,8 @@ The protocol is the one of the BTS / AdaBins / DenseDepth NYU evaluation code:
   without a single valid pixel is skipped, counted and named in the outputs.
 
 `examples/evaluate.py` (the command line) and `examples/train.py` (periodic and final evaluation) both use
-`evaluate` and `write_evaluation_outputs`; the CLI, the scripts and the ONNX export load models with
-`load_model_and_processor`.
+`evaluate` and `write_evaluation_outputs`; models are loaded with
+`modeling_moa_depthclip.loading.load_model_and_processor`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils import first_line
 from .metrics import METRIC_KEYS, DepthMetricsAccumulator, NoValidDepthError, format_metrics_markdown
 
 
@@ -37,7 +38,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AVERAGING",
     "CROPS",
-    "ModelLoadError",
     "check_output_dir",
     "dataset_label",
     "default_nyu_sample_dir",
@@ -45,9 +45,7 @@ __all__ = [
     "evaluate",
     "format_report",
     "format_result_line",
-    "load_config",
     "load_dataset_or_error",
-    "load_model_and_processor",
     "predict_depth",
     "safe_frame_filename",
     "save_samples_panel",
@@ -60,203 +58,6 @@ AVERAGING = (
     "per-image: each metric is computed on the valid pixels of one image, then averaged over images "
     "(as the common BTS/AdaBins/DenseDepth NYU evaluation code does)"
 )
-MODEL_TYPE = "moa_depthclip"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading a model and its image processor
-# ------------------------------------------------------------------------------------------------
-
-
-class ModelLoadError(OSError, ValueError):
-    """A model that cannot be loaded; the message is one line naming the folder or file and the reason."""
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _local_folder(model_id: str | os.PathLike) -> Path | None:
-    """The local folder `model_id` names, or None for a Hub id; a missing folder or a file is a `ModelLoadError`."""
-    text = os.fspath(model_id)
-    path = Path(text).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"model {path} is a file, not a model folder (save_pretrained writes a folder)")
-        return path
-    if _HUB_ID.match(text) and not text.startswith("."):
-        return None
-    raise ModelLoadError(f"model folder {path} does not exist")
-
-
-def _check_safetensors(path: Path):
-    """A weights file whose header or data end before it should (an interrupted copy or save) is named here,
-    where safetensors itself would raise an error that names no file."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ModelLoadError(f"{path}: cannot read the weights: the file is empty or truncated ({size} bytes)")
-        header_size = int.from_bytes(prefix, "little")
-        if header_size > size - 8:
-            raise ModelLoadError(
-                f"{path}: cannot read the weights: the file is truncated or not safetensors (its header claims "
-                f"{header_size:,} bytes, the file has {size:,})"
-            )
-        try:
-            header = json.loads(handle.read(header_size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ModelLoadError(f"{path}: cannot read the weights: not a safetensors file (unreadable header)") from None
-    try:
-        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError):
-        raise ModelLoadError(f"{path}: cannot read the weights: not a safetensors file (malformed header)") from None
-    expected = 8 + header_size + int(end)
-    if size < expected:
-        raise ModelLoadError(
-            f"{path}: cannot read the weights: the file is truncated ({size:,} of {expected:,} bytes; an interrupted "
-            "save or copy?)"
-        )
-
-
-def _check_weights(folder: Path):
-    index = folder / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise ModelLoadError(f"{index} is not a valid safetensors index (no weight_map)") from None
-        for shard in shards:
-            if not (folder / shard).is_file():
-                raise ModelLoadError(f"model folder {folder} lacks the weights file {shard} listed in {index.name}")
-            _check_safetensors(folder / shard)
-        return
-    weights = folder / WEIGHTS_NAME
-    if weights.is_file():
-        _check_safetensors(weights)
-    elif not any((folder / name).is_file() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        raise ModelLoadError(f"model folder {folder} has no {WEIGHTS_NAME}: no weights saved")
-
-
-def load_config(model_id: str | os.PathLike):
-    """The `MoADepthCLIPConfig` of a saved model (local folder or Hub id), checked before any weight is read.
-
-    Raises `ModelLoadError` (one line naming the folder or file) for a missing folder, a folder without
-    `config.json`, an unreadable `config.json`, or a model of another type.
-    """
-    from transformers import AutoConfig
-
-    from .configuration_moa_depthclip import MoADepthCLIPConfig
-
-    folder = _local_folder(model_id)
-    if folder is not None:
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise ModelLoadError(f"model folder {folder} has no config.json: not a saved model")
-        try:
-            settings = json.loads(config_file.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ModelLoadError(f"{config_file} is not valid JSON: {error}") from None
-        model_type = settings.get("model_type") if isinstance(settings, dict) else None
-        if model_type is None:
-            raise ModelLoadError(f"{config_file} has no model_type: not a transformers model config")
-        if model_type != MODEL_TYPE:
-            raise ModelLoadError(_other_type_message(str(folder), model_type))
-    try:
-        config = AutoConfig.from_pretrained(os.fspath(folder or model_id))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        if folder is not None:
-            raise ModelLoadError(f"cannot load {folder / 'config.json'}: {_first_line(error)}") from None
-        raise ModelLoadError(
-            f"model {os.fspath(model_id)!r} is not a local folder and cannot be loaded from the Hub: {_first_line(error)}"
-        ) from None
-    if not isinstance(config, MoADepthCLIPConfig):
-        raise ModelLoadError(_other_type_message(os.fspath(model_id), config.model_type))
-    return config
-
-
-def _other_type_message(where: str, model_type: str) -> str:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES
-
-    kind = "a depth model of another type" if model_type in MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES else "not a depth model"
-    return f"model {where} is a {model_type!r} model ({kind}), not MoA-DepthCLIP (model_type {MODEL_TYPE!r})"
-
-
-def load_model_and_processor(
-    model_id: str | os.PathLike,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    trainable: bool = False,
-):
-    """Load a MoA-DepthCLIP model (local folder or Hub id) and its image processor.
-
-    The model comes back in eval mode (in train mode with `trainable=True`, the paper's parameters unfrozen), moved
-    to `device`/`dtype` if given. A folder without `preprocessor_config.json` gets the default image processor at
-    the config's image size, with a warning.
-
-    Raises:
-        ModelLoadError: (an `OSError` and a `ValueError`) one line naming the folder or file and the reason: missing
-            folder, no `config.json`, a model of another type, missing or truncated `model.safetensors`, weights that
-            do not fit the config.
-    """
-    from transformers import AutoImageProcessor
-
-    from .image_processing_moa_depthclip import MoADepthCLIPImageProcessor
-    from .modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
-
-    config = load_config(model_id)
-    folder = _local_folder(model_id)
-    source = os.fspath(folder) if folder is not None else os.fspath(model_id)
-    if folder is not None:
-        _check_weights(folder)
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # older safetensors
-        SafetensorError = OSError
-    try:
-        # mismatched shapes are reported below, naming the tensors, instead of transformers' pointer to its log
-        model, info = MoADepthCLIPForDepthEstimation.from_pretrained(
-            source, config=config, output_loading_info=True, ignore_mismatched_sizes=True
-        )
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
-        raise ModelLoadError(f"cannot load the weights of model {source}: {_first_line(error)}") from None
-    mismatched = info.get("mismatched_keys") or []
-    if mismatched:
-        key, *shapes = sorted(mismatched)[0]
-        detail = f" ({key}: file {tuple(shapes[0])} vs config {tuple(shapes[1])})" if len(shapes) == 2 else f" ({key})"
-        raise ModelLoadError(
-            f"the weights of model {source} do not fit its config.json: {len(mismatched)} tensor(s) of another "
-            f"shape{detail}"
-        )
-    # from_pretrained only warns about weights missing from the file and initialises them randomly: refuse
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ModelLoadError(
-            f"the weights of model {source} lack {len(missing)} tensor(s) of its config ({', '.join(missing[:3])}{more}): "
-            "not a checkpoint of this model"
-        )
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(source)
-    except (OSError, ValueError, KeyError):
-        size = config.vision_config.image_size
-        logger.warning(f"{source} has no image processor; using a default one at {size}x{size}")
-        image_processor = MoADepthCLIPImageProcessor(
-            size={"height": size, "width": size}, size_divisor=config.vision_config.patch_size
-        )
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    if trainable:
-        model.train()
-        model.apply_trainable_mask()
-    else:
-        model.eval()
-    return model, image_processor
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +69,7 @@ def default_nyu_sample_dir() -> Path | None:
     """The shared real NYU frames: `$MOA_DEPTHCLIP_NYU_SAMPLE`, else `../shared/data/nyu_eigen_test_sample` beside
     the repository; None if absent."""
     env = os.environ.get(NYU_SAMPLE_ENV)
-    repo_root = Path(__file__).resolve().parents[1]
+    repo_root = Path(__file__).resolve().parents[2]
     path = Path(env).expanduser() if env else repo_root.parent / "shared" / "data" / "nyu_eigen_test_sample"
     return path if (path / "index.csv").is_file() else None
 
@@ -286,13 +87,13 @@ def load_dataset_or_error(source: str, split: str, *, min_depth: float, max_dept
 
     `min_depth`, `max_depth` are the model's (`model.config`): depth outside them is invalid ground truth.
     """
-    from .data import SourceKind, classify_source, load_depth_dataset
+    from ..data import SourceKind, classify_source, load_depth_dataset
 
     source = str(source)
     try:
         kind = classify_source(source)
     except ValueError as error:
-        raise ValueError(f"cannot load dataset {source!r}: {_first_line(error)}") from None
+        raise ValueError(f"cannot load dataset {source!r}: {first_line(error)}") from None
     if kind is SourceKind.MISSING:
         raise ValueError(f"dataset folder or file not found: {source}")
     try:
@@ -301,7 +102,7 @@ def load_dataset_or_error(source: str, split: str, *, min_depth: float, max_dept
             height=synthetic_size[0], width=synthetic_size[1], seed=seed, **kwargs,
         )
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"cannot load dataset {source!r} (split {split!r}): {_first_line(error)}") from None
+        raise ValueError(f"cannot load dataset {source!r} (split {split!r}): {first_line(error)}") from None
     if hasattr(dataset, "__len__") and len(dataset) == 0:
         raise ValueError(f"dataset {source!r} (split {split!r}) is empty")
     return dataset
@@ -324,7 +125,7 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
-        raise OSError(f"output folder {path} is not writable: {error.strerror or _first_line(error)}") from None
+        raise OSError(f"output folder {path} is not writable: {error.strerror or first_line(error)}") from None
     return path
 
 

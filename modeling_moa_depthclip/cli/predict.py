@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from .arguments import positive_int
-from .image_processing_moa_depthclip import ImageLoadError, load_image_file
-from .point_cloud import DEFAULT_HFOV_DEG, depth_to_point_cloud, parse_intrinsics, resolve_intrinsics, write_ply
-from .visualization import colorize_depth
+from ..image_processing_moa_depthclip import ImageLoadError, load_image_file
+from ..geometry.point_cloud import DEFAULT_HFOV_DEG, depth_to_point_cloud, parse_intrinsics, resolve_intrinsics, write_ply
+from ..visualization import colorize_depth
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -43,8 +43,8 @@ def load_depth_pipeline(model: str, device: str | None = None, dtype: str | None
     """The MoA-DepthCLIP depth pipeline for a local folder or Hub id; exits with one line if it cannot load."""
     import torch
 
-    from .evaluation import ModelLoadError, load_model_and_processor
-    from .pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
+    from ..loading import ModelLoadError, load_model_and_processor
+    from ..pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -224,7 +224,7 @@ def _version() -> str:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return f"moa-depthclip {__version__} (transformers {transformers.__version__}, torch {torch.__version__})"
 

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionConfig
 
-from .clip_checkpoints import OPENAI_CLIP_TOKENIZER, ClipCheckpoint, load_clip_checkpoint, vision_state_dict
-from .configuration_moa_depthclip import MoADepthCLIPConfig
-from .modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
+from .checkpoints import OPENAI_CLIP_TOKENIZER, ClipCheckpoint, load_clip_checkpoint, vision_state_dict
+from ..configuration_moa_depthclip import MoADepthCLIPConfig
+from ..modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
 
 
 __all__ = [

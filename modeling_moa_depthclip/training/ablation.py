@@ -5,7 +5,7 @@ every weight of the starting model whose name and shape it shares (the CLIP towe
 features, whatever adapters, decoder and head still fit); what is new starts from its initialisation.
 `examples/ablation.py` trains every variant with the same budget and evaluates them on the same frames.
 
-    from modeling_moa_depthclip.ablation import ABLATION_VARIANTS, build_variant
+    from modeling_moa_depthclip.training.ablation import ABLATION_VARIANTS, build_variant
     model, fresh = build_variant(start_model, "no_mixture", seed=0)
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .configuration_moa_depthclip import MoADepthCLIPConfig
-from .modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
+from ..configuration_moa_depthclip import MoADepthCLIPConfig
+from ..modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
 
 
 __all__ = ["ABLATION_VARIANTS", "AblationVariant", "build_variant", "variant_config"]

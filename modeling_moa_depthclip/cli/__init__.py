@@ -1,0 +1,3 @@
+"""The `moa-depthclip` command line."""
+
+from .predict import build_parser, main

@@ -1,0 +1,27 @@
+"""The NYU Depth V2 evaluation protocol, its metrics, and the reports and pictures it writes."""
+
+from .metrics import (
+    METRIC_KEYS,
+    DepthMetricsAccumulator,
+    NoValidDepthError,
+    compute_depth_metrics,
+    eigen_crop_mask,
+    format_metrics_markdown,
+    garg_crop_mask,
+)
+from .protocol import (
+    AVERAGING,
+    CROPS,
+    check_output_dir,
+    dataset_label,
+    default_nyu_sample_dir,
+    depth_range,
+    evaluate,
+    format_report,
+    format_result_line,
+    load_dataset_or_error,
+    predict_depth,
+    safe_frame_filename,
+    save_samples_panel,
+    write_evaluation_outputs,
+)
