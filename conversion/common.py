@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForDepthEstimation, CLIPVisionConfig
 
-from modeling_moa_depthclip import MoADepthCLIPConfig, MoADepthCLIPForDepthEstimation
+from modeling_moa_depthclip import DepthCLIPForDepthEstimation, MoADepthCLIPConfig, MoADepthCLIPForDepthEstimation
 from modeling_moa_depthclip.clip.initialization import config_from_clip
 
 __all__ = [
@@ -128,15 +128,17 @@ def parameter_counts(model) -> str:
 
 
 def self_check(
-    folder: Path, written: MoADepthCLIPForDepthEstimation, vision_sd, prompt_embeddings, extra_check=None
+    folder: Path, written: MoADepthCLIPForDepthEstimation | DepthCLIPForDepthEstimation, vision_sd, prompt_embeddings, extra_check=None
 ) -> list[str]:
     """Reload `folder` and compare it with what was meant to be written; raise `ConversionError` on a difference.
 
     `extra_check(reloaded_model) -> list[str]` adds checks of its own on the reloaded model.
     """
     reloaded = AutoModelForDepthEstimation.from_pretrained(str(folder))
-    if type(reloaded) is not MoADepthCLIPForDepthEstimation:
-        raise ConversionError(f"{folder} reloads as {type(reloaded).__name__}, not MoADepthCLIPForDepthEstimation")
+    if type(reloaded) is not type(written):
+        raise ConversionError(
+            f"{folder} reloads as {type(reloaded).__name__}, not {type(written).__name__}"
+        )
     if not torch.equal(reloaded.semantic_context.prompt_embeddings, prompt_embeddings):
         raise ConversionError(
             f"self-check failed: prompt_embeddings reloaded from {folder} differ from the computed ones"

@@ -19,9 +19,10 @@ also with `trust_remote_code=True` where the package is not installed):
 * config.json (with `auto_map`), model.safetensors, preprocessor_config.json, the package's code files and a
   README.md model card rendered from MODEL_CARD.md ("no evaluation yet").
 
-`--zero_shot` writes DepthCLIP's zero-shot baseline on the same CLIP instead (`head="depthclip"`: the vision tower,
-its projection and the text features of the seven DepthCLIP prompts, no adapters, no decoder, nothing to train;
-see `MoADepthCLIPConfig.head`), which the pipeline, the evaluation and the exporters run like any other checkpoint.
+`--zero_shot` writes DepthCLIP's zero-shot baseline on the same CLIP instead (`DepthCLIPForDepthEstimation`, model
+type `depthclip_zero_shot`: the vision tower, its projection and the text features of the seven DepthCLIP prompts,
+no adapters, no decoder, nothing to train; see `DepthCLIPConfig`), which the pipeline, the evaluation and the
+exporters run like any other checkpoint.
 
 The folder is written to a temporary sibling first, reloaded and checked (prompt embeddings, vision weights and
 every other tensor equal what was meant to be written), and only then moved into place.
@@ -53,9 +54,15 @@ from conversion.common import (  # noqa: E402
     write_checkpoint,
 )
 from conversion.model_card import ModelCardError, config_details, render_model_card  # noqa: E402
-from modeling_moa_depthclip import MoADepthCLIPConfig, MoADepthCLIPImageProcessor  # noqa: E402
+from modeling_moa_depthclip import (  # noqa: E402
+    DepthCLIPConfig,
+    DepthCLIPForDepthEstimation,
+    MoADepthCLIPConfig,
+    MoADepthCLIPForDepthEstimation,
+)
 from modeling_moa_depthclip.clip.checkpoints import OPENAI_CLIP_TOKENIZER  # noqa: E402
 from modeling_moa_depthclip.clip.initialization import model_from_clip  # noqa: E402
+from modeling_moa_depthclip.loading import default_image_processor  # noqa: E402
 
 __all__ = ["ConversionResult", "build_parser", "checkpoint_status", "convert", "main"]
 
@@ -67,7 +74,7 @@ class ConversionResult:
     layout: str
     source_format: str
     tokenizer: str
-    config: MoADepthCLIPConfig
+    config: MoADepthCLIPConfig | DepthCLIPConfig
     parameters: str
     checks: list[str] = field(default_factory=list)
 
@@ -84,8 +91,8 @@ class ConversionResult:
                 (
                     f"  MoA:               blocks {self.config.moa_layers}, {self.config.num_experts} experts, "
                     f"bottleneck {self.config.adapter_bottleneck}; decoder {self.config.decoder}"
-                    if self.config.head != "depthclip"
-                    else f"  head:              DepthCLIP zero-shot, prompt depths {self.config.depthclip_bin_depths} m"
+                    if not isinstance(self.config, DepthCLIPConfig)
+                    else f"  head:              DepthCLIP zero-shot, prompt depths {self.config.bin_depths} m"
                 ),
                 f"  parameters:        {self.parameters}",
                 *(f"  self-check:        {check}" for check in self.checks),
@@ -105,7 +112,7 @@ def checkpoint_status(source: str, layout: str, source_format: str, seed: int, z
             f"`python -m conversion.convert_clip_to_moa_depthclip --zero_shot` from the CLIP checkpoint "
             f"`{display_name(source, source_format)}` ({SOURCE_FORMATS[source_format]}, {layout} layout). It scores "
             f"every image patch against CLIP text features of the DepthCLIP prompts and predicts the "
-            f"probability-weighted prompt depths (`head=\"depthclip\"`); it has no trainable part. It is the "
+            f"probability-weighted prompt depths (`DepthCLIPForDepthEstimation`); it has no trainable part. It is the "
             f"baseline of the paper's comparison, not MoA-DepthCLIP."
         )
     return (
@@ -142,7 +149,7 @@ def convert(
 
     `moa_options` are the `MoADepthCLIPConfig` fields of :data:`MOA_OPTIONS`; None keeps the default.
     `hidden_act` is for raw OpenAI/open_clip files (their weights do not record it; default `quick_gelu`).
-    `zero_shot` writes the DepthCLIP zero-shot model instead (`head="depthclip"`).
+    `zero_shot` writes the DepthCLIP zero-shot model (`DepthCLIPForDepthEstimation`) instead.
     """
     config_kwargs = moa_config_kwargs(moa_options)
     if zero_shot:
@@ -152,17 +159,13 @@ def convert(
                 f"--zero_shot writes DepthCLIP's zero-shot model, which has no adapters, decoder or depth bins: "
                 f"drop {' '.join(conflicting)}"
             )
-        config_kwargs["head"] = "depthclip"
     output = prepare_output_dir(output_dir, overwrite)
     model, clip = model_from_clip(
         clip_model, seed=seed, tokenizer=tokenizer, trust_torchscript=trust_torchscript, hidden_act=hidden_act,
-        **config_kwargs,
+        model_class=DepthCLIPForDepthEstimation if zero_shot else MoADepthCLIPForDepthEstimation, **config_kwargs,
     )  # fmt: skip
     config = model.config
-    processor = MoADepthCLIPImageProcessor(
-        size={"height": int(image_size[0]), "width": int(image_size[1])},
-        size_divisor=config.vision_config.patch_size,
-    )
+    processor = default_image_processor(config, image_size)
     layout, checkpoint_format, tokenizer_spec = clip.layout, clip.source_format, clip.tokenizer
 
     name = model_name or output.name

@@ -54,7 +54,8 @@ from conversion.common import (  # noqa: E402
     write_checkpoint,
 )
 from conversion.model_card import ModelCardError, config_details, render_model_card  # noqa: E402
-from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, MoADepthCLIPImageProcessor  # noqa: E402
+from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation  # noqa: E402
+from modeling_moa_depthclip.loading import default_image_processor  # noqa: E402
 from modeling_moa_depthclip.clip.checkpoints import (  # noqa: E402
     OPENAI_CLIP_TOKENIZER,
     load_clip_checkpoint,
@@ -461,9 +462,7 @@ def convert_prototype(
             )
         prompts_report.update(source=f"file {Path(prompt_embeddings).name}, L2-normalised")
 
-    processor = MoADepthCLIPImageProcessor(
-        size={"height": int(image_size[0]), "width": int(image_size[1])}, size_divisor=config.vision_config.patch_size
-    )
+    processor = default_image_processor(config, image_size)
     torch.manual_seed(seed)
     model = MoADepthCLIPForDepthEstimation(config).eval()
     check_adapter_activation(model)

@@ -23,6 +23,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
 
+from modeling_moa_depthclip import DepthCLIPConfig
+
 __all__ = [
     "DEFAULT_TEMPLATE",
     "METRICS",
@@ -275,23 +277,24 @@ def _details_table(details: Mapping[str, Any]) -> str:
 
 
 def config_details(config, image_size: tuple[int, int] | None = None) -> dict[str, str]:
-    """The "Checkpoint" table rows that describe a `MoADepthCLIPConfig`."""
+    """The "Checkpoint" table rows that describe a `MoADepthCLIPConfig` or a `DepthCLIPConfig`."""
     vision = config.vision_config
     rows = {
         "backbone": (
             f"CLIP ViT, {vision.num_hidden_layers} blocks, width {vision.hidden_size}, patch {vision.patch_size}, "
             f"pretraining size {vision.image_size}"
         ),
-        "trainable CLIP blocks": ", ".join(map(str, config.trainable_layer_indices)) or "none",
     }
-    if config.head == "depthclip":
-        depths = ", ".join(f"{d:g}" for d in config.depthclip_bin_depths)
+    if isinstance(config, DepthCLIPConfig):
+        rows["trainable CLIP blocks"] = "none"
+        depths = ", ".join(f"{d:g}" for d in config.bin_depths)
         rows["depth head"] = (
             f"DepthCLIP zero-shot on the patch grid: softmax over the prompts of "
-            f"{config.depthclip_logit_scale:g}·cos / {config.depthclip_temperature:g}, expected depth of "
+            f"{config.logit_scale:g}·cos / {config.prompt_temperature:g}, expected depth of "
             f"({depths}) m, bilinear upsampling; no adapters, nothing trained"
         )
     else:
+        rows["trainable CLIP blocks"] = ", ".join(map(str, config.trainable_layer_indices)) or "none"
         rows["MoA after blocks"] = ", ".join(map(str, config.moa_layers))
         rows["experts per MoA"] = (
             f"{config.num_experts} × Linear({vision.hidden_size}→{config.adapter_bottleneck}) → GELU "

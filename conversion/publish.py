@@ -6,7 +6,7 @@
 
 Before anything is uploaded the folder must pass, in this order:
 
-1. its files: config.json (a `moa_depthclip` config with `auto_map`), model.safetensors (readable),
+1. its files: config.json (a `moa_depthclip` or `depthclip_zero_shot` config with `auto_map`), model.safetensors (readable),
    preprocessor_config.json, every code file that `auto_map` names and that those files import, and no pickle
    files (`.bin`, `.pt`, `.pth`, `.pkl`, `.ckpt`: loading a pickle can run code);
 2. a load in a fresh Python process where the `modeling_moa_depthclip` package cannot be imported:
@@ -48,7 +48,7 @@ from conversion.model_card import (  # noqa: E402
     render_model_card,
     update_model_card_results,
 )
-from modeling_moa_depthclip import MoADepthCLIPConfig  # noqa: E402
+from modeling_moa_depthclip.loading import MODEL_TYPES, load_config  # noqa: E402
 
 __all__ = ["PublishError", "check_folder", "main", "publish_folder", "publish_space", "stage_space", "verify_loads"]
 
@@ -104,8 +104,9 @@ def check_folder(folder: str | os.PathLike) -> None:
         except PublishError as error:
             problems.append(str(error))
             continue
-        if name == "config.json" and data.get("model_type") != "moa_depthclip":
-            problems.append(f"config.json has model_type {data.get('model_type')!r}, not 'moa_depthclip'")
+        if name == "config.json" and data.get("model_type") not in MODEL_TYPES:
+            expected = " or ".join(map(repr, MODEL_TYPES))
+            problems.append(f"config.json has model_type {data.get('model_type')!r}, not {expected}")
         auto_map = data.get("auto_map")
         if not isinstance(auto_map, dict) or (auto_class and auto_class not in auto_map):
             problems.append(f"{name} has no auto_map{f' for {auto_class}' if auto_class else ''}: "
@@ -237,7 +238,7 @@ def _refresh_card(folder: Path, metrics: dict | None, model_name: str, model_id:
             return
         text = update_model_card_results(readme.read_text(encoding="utf-8"), metrics, model_name=model_name)
     else:
-        config = MoADepthCLIPConfig.from_pretrained(folder)  # check_folder has made sure it is one
+        config = load_config(folder)  # check_folder has made sure it is one of this package's
         text = render_model_card(metrics_json=metrics, config=config, model_name=model_name, model_id=model_id)
     readme.write_text(text, encoding="utf-8")
 

@@ -31,6 +31,7 @@ except ImportError:  # run from a checkout without installing the package
 import gradio as gr
 
 from modeling_moa_depthclip.cli.predict import depth_to_millimetres_png, load_depth_pipeline
+from modeling_moa_depthclip.loading import ModelLoadError
 from modeling_moa_depthclip.data import NYU_HFOV_DEG, render_synthetic_scene
 from modeling_moa_depthclip.image_processing_moa_depthclip import ImageLoadError, load_image_file
 from modeling_moa_depthclip.geometry.point_cloud import (
@@ -346,7 +347,10 @@ def main(argv=None) -> None:
     if not args.model:
         raise SystemExit(f"error: give --model PATH_OR_HUB_ID (a saved MoA-DepthCLIP) or set ${MODEL_ENV}; the "
                          "training run writes outputs/train/best")  # fmt: skip
-    depth_pipeline = load_depth_pipeline(args.model, args.device)
+    try:
+        depth_pipeline = load_depth_pipeline(args.model, args.device)
+    except ModelLoadError as error:
+        raise SystemExit(f"error: {error}") from None
     # the first call packs the weights and sets up the kernels (seconds on a CPU): pay it before the first visitor
     size = depth_pipeline.image_processor.size
     depth_pipeline(Image.new("RGB", (size["width"], size["height"])))

@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py and evaluate.
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, MoADepthCLIPImageProcessor  # noqa: E402
+from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation  # noqa: E402
 from modeling_moa_depthclip.cli.arguments import non_negative_int, positive_int  # noqa: E402
 from modeling_moa_depthclip.training.ablation import ABLATION_VARIANTS, build_variant, variant_config  # noqa: E402
 from modeling_moa_depthclip.configuration_moa_depthclip import config_from_name  # noqa: E402
@@ -46,7 +46,7 @@ from modeling_moa_depthclip.evaluation import (  # noqa: E402
     load_dataset_or_error,
     write_evaluation_outputs,
 )
-from modeling_moa_depthclip.loading import ModelLoadError, load_model_and_processor  # noqa: E402
+from modeling_moa_depthclip.loading import ModelLoadError, default_image_processor, load_model_and_processor  # noqa: E402
 from modeling_moa_depthclip.evaluation.metrics import METRIC_KEYS  # noqa: E402
 
 
@@ -117,12 +117,7 @@ def starting_model(args, parser):
         parser.error(f"--config_name: {error}")
     torch.manual_seed(args.seed)
     model = MoADepthCLIPForDepthEstimation(config)
-    return model, _default_processor(config), f"config {args.config_name} (random CLIP backbone, seed {args.seed})"
-
-
-def _default_processor(config):
-    size = config.vision_config.image_size
-    return MoADepthCLIPImageProcessor(size={"height": size, "width": size}, size_divisor=config.vision_config.patch_size)
+    return model, default_image_processor(config), f"config {args.config_name} (random CLIP backbone, seed {args.seed})"
 
 
 def run_logged(command: list[str], log_path: Path, what: str) -> float:

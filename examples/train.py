@@ -63,11 +63,7 @@ if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing the
     sys.path.insert(1, str(REPO_ROOT))
 
 
-from modeling_moa_depthclip import (  # noqa: E402
-    MoADepthCLIPConfig,
-    MoADepthCLIPForDepthEstimation,
-    MoADepthCLIPImageProcessor,
-)
+from modeling_moa_depthclip import MoADepthCLIPConfig, MoADepthCLIPForDepthEstimation  # noqa: E402
 from modeling_moa_depthclip.cli.arguments import non_negative_int, positive_float, positive_int  # noqa: E402
 from modeling_moa_depthclip.training.run_folder import (  # noqa: E402
     CheckpointError,
@@ -104,7 +100,7 @@ from modeling_moa_depthclip.evaluation import (
     load_dataset_or_error,
     write_evaluation_outputs,
 )
-from modeling_moa_depthclip.loading import ModelLoadError, load_config, load_model_and_processor
+from modeling_moa_depthclip.loading import ModelLoadError, default_image_processor, load_config, load_model_and_processor
 from modeling_moa_depthclip.evaluation.metrics import format_metrics_markdown  # noqa: E402
 from modeling_moa_depthclip.training.optimization import create_lr_scheduler, default_warmup_steps, parameter_groups  # noqa: E402
 from modeling_moa_depthclip.visualization import plot_loss_curve  # noqa: E402
@@ -305,10 +301,7 @@ def load_or_build_model(args, parser, config: MoADepthCLIPConfig):
         model.apply_trainable_mask()
         return model, image_processor, f"checkpoint {args.model}"
     model = MoADepthCLIPForDepthEstimation(config)
-    size = config.vision_config.image_size
-    image_processor = MoADepthCLIPImageProcessor(
-        size={"height": size, "width": size}, size_divisor=config.vision_config.patch_size
-    )
+    image_processor = default_image_processor(config)
     explicit = args.clip_model != DEFAULT_CLIP
     loaded = None
     try:

@@ -18,8 +18,6 @@ DEPTHCLIP_DEPTH_WORDS = [
     "unseen",
 ]
 DEPTHCLIP_PROMPTS = [f"This object is {word}" for word in DEPTHCLIP_DEPTH_WORDS]
-# DepthCLIP's depth in metres for each of its words, in the same order
-DEPTHCLIP_BIN_DEPTHS = [1.00, 1.50, 2.00, 2.25, 2.50, 2.75, 3.00]
 
 # OpenAI CLIP ViT-B/32 vision tower, exactly as `openai/clip-vit-base-patch32` ships it.
 CLIP_VIT_B32_VISION = dict(
@@ -47,7 +45,8 @@ DEFAULT_LOSS_WEIGHTS = {
 }
 
 # Written into every saved config.json: with `trust_remote_code=True`, `pipeline("depth-estimation", model=folder)`
-# then builds the richer pipeline from the folder's own copy of pipeline_moa_depthclip.py.
+# then builds the richer pipeline from the folder's own copy of pipeline_moa_depthclip.py. Without remote code the
+# package's config drops it, so transformers' stock pipeline serves the task as for any depth model.
 CUSTOM_PIPELINES = {
     "depth-estimation": {
         "impl": "pipeline_moa_depthclip.MoADepthCLIPDepthEstimationPipeline",
@@ -56,10 +55,10 @@ CUSTOM_PIPELINES = {
     }
 }
 # True in the copy of this file that transformers loads from a saved folder as remote code
-_LOADED_AS_REMOTE_CODE = __name__.startswith(TRANSFORMERS_DYNAMIC_MODULE_NAME + ".")
+LOADED_AS_REMOTE_CODE = __name__.startswith(TRANSFORMERS_DYNAMIC_MODULE_NAME + ".")
 
 DECODERS = ("multiscale", "paper")
-HEADS = ("hybrid", "classification", "regression", "depthclip")
+HEADS = ("hybrid", "classification", "regression")
 ROUTER_TYPES = ("soft", "topk")
 BIN_SPACINGS = ("linear", "log")
 ROUTER_AUX_LOSSES = ("balance", "entropy")
@@ -72,10 +71,10 @@ class MoADepthCLIPConfig(PreTrainedConfig):
     Args:
         vision_config (`dict` or `CLIPVisionConfig`, *optional*):
             The CLIP vision tower. Defaults to OpenAI CLIP ViT-B/32.
-        moa_layers (`list[int]`, *optional*, defaults to `[2, 5, 8, 11]` (`[]` for `head="depthclip"`)):
+        moa_layers (`list[int]`, *optional*, defaults to `[2, 5, 8, 11]`):
             Encoder blocks after whose output a Mixture-of-Adapters is applied. Their adapted patch tokens feed the
             decoder.
-        num_unfrozen_layers (`int`, *optional*, defaults to 4 (0 for `head="depthclip"`)):
+        num_unfrozen_layers (`int`, *optional*, defaults to 4):
             How many of the last encoder blocks are trained; every other CLIP weight stays frozen.
         num_experts (`int`, *optional*, defaults to 4):
             Adapter experts per MoA module. 1 is a single adapter per block (the authors' prototype: the router and
@@ -110,16 +109,7 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         decoder_hidden_size (`int`, *optional*, defaults to 128): Channels of the multi-scale decoder.
         head (`str`, *optional*, defaults to `"hybrid"`):
             `"hybrid"` fuses depth-bin classification and regression per pixel; `"classification"` and
-            `"regression"` keep one branch. `"depthclip"` is DepthCLIP's zero-shot rule on the ViT (no decoder, no
-            adapters, nothing trained): each last-layer patch token goes through CLIP's `post_layernorm` and visual
-            projection, its cosine with each prompt's text features times `depthclip_logit_scale`, divided by
-            `depthclip_temperature`, is softmaxed over the prompts, and the depth is the expectation of
-            `depthclip_bin_depths` on the patch grid, upsampled bilinearly to the input size.
-        depthclip_bin_depths (`list[float]`, *optional*):
-            Depth in metres of each prompt for `head="depthclip"`. Defaults to DepthCLIP's
-            (1.00, 1.50, 2.00, 2.25, 2.50, 2.75, 3.00) for its seven prompts.
-        depthclip_logit_scale (`float`, *optional*, defaults to 100.0): Scale of the cosines (CLIP's, as DepthCLIP).
-        depthclip_temperature (`float`, *optional*, defaults to 0.1): Softmax temperature of DepthCLIP.
+            `"regression"` keep one branch. (DepthCLIP's zero-shot baseline is its own model: `DepthCLIPConfig`.)
         loss_weights (`dict[str, float]`, *optional*): Weights of `bin_ce`, `l1`, `silog`, `gradient`, `ssim`.
         silog_lambda (`float`, *optional*, defaults to 0.85): Variance focus of the SILog loss.
         checkpoint_frozen_layers (`bool`, *optional*, defaults to `True`):
@@ -169,28 +159,16 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         decoder="multiscale",
         decoder_hidden_size=128,
         head="hybrid",
-        depthclip_bin_depths=None,
-        depthclip_logit_scale=100.0,
-        depthclip_temperature=0.1,
         loss_weights=None,
         silog_lambda=0.85,
         checkpoint_frozen_layers=True,
         initializer_range=0.02,
         **kwargs,
     ):
-        if vision_config is None:
-            vision_config = CLIPVisionConfig(**CLIP_VIT_B32_VISION)
-        elif isinstance(vision_config, dict):
-            vision_config = CLIPVisionConfig(**{**CLIP_VIT_B32_VISION, **vision_config})
-        elif not isinstance(vision_config, CLIPVisionConfig):
-            raise ValueError(
-                f"vision_config must be a dict or a CLIPVisionConfig, got {type(vision_config).__name__}"
-            )
-        self.vision_config = vision_config
+        self.vision_config = vision_config = vision_config_from(vision_config)
         self.head = head
-        zero_shot = head == "depthclip"
-        self.moa_layers = list(moa_layers) if moa_layers is not None else ([] if zero_shot else [2, 5, 8, 11])
-        self.num_unfrozen_layers = num_unfrozen_layers if num_unfrozen_layers is not None else (0 if zero_shot else 4)
+        self.moa_layers = list(moa_layers) if moa_layers is not None else [2, 5, 8, 11]
+        self.num_unfrozen_layers = num_unfrozen_layers if num_unfrozen_layers is not None else 4
         self.num_experts = num_experts
         self.adapter_bottleneck = adapter_bottleneck
         self.router_hidden_size = router_hidden_size
@@ -210,22 +188,17 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         self.bin_spacing = bin_spacing
         self.decoder = decoder
         self.decoder_hidden_size = decoder_hidden_size
-        if depthclip_bin_depths is None and zero_shot and self.depth_prompts == DEPTHCLIP_PROMPTS:
-            depthclip_bin_depths = DEPTHCLIP_BIN_DEPTHS
-        self.depthclip_bin_depths = [float(d) for d in depthclip_bin_depths] if depthclip_bin_depths else None
-        self.depthclip_logit_scale = float(depthclip_logit_scale)
-        self.depthclip_temperature = float(depthclip_temperature)
         self.loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(loss_weights or {})}
         self.silog_lambda = silog_lambda
         self.checkpoint_frozen_layers = bool(checkpoint_frozen_layers)
         self.initializer_range = initializer_range
         # configs saved by 0.1.0 carry this machine-specific switch; the CPU fast path is now the pipeline's choice
         kwargs.pop("pack_weights_for_cpu_inference", None)
-        # transformers runs a config's `custom_pipelines` only with trust_remote_code=True, even where the package is
-        # imported; there the package's registration serves the task, so only the remote-code copy claims it
+        # transformers runs a config's `custom_pipelines` only with trust_remote_code=True (and refuses the task
+        # without it): only the remote-code copy claims it, elsewhere the stock depth-estimation pipeline serves
         custom_pipelines = kwargs.pop("custom_pipelines", None)
         super().__init__(**kwargs)
-        if _LOADED_AS_REMOTE_CODE and custom_pipelines:
+        if LOADED_AS_REMOTE_CODE and custom_pipelines:
             self.custom_pipelines = custom_pipelines
         self.validate_moa_config()
 
@@ -233,9 +206,7 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         """Raise a `ValueError` naming the field and its allowed range for any value the model cannot be built with."""
         num_layers = self.vision_config.num_hidden_layers
         _check_choice("head", self.head, HEADS)
-        if self.head == "depthclip":
-            self._validate_depthclip()
-        elif not self.moa_layers:
+        if not self.moa_layers:
             raise ValueError("moa_layers must name at least one encoder block, got an empty list")
         for index in self.moa_layers:
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < num_layers:
@@ -265,55 +236,20 @@ class MoADepthCLIPConfig(PreTrainedConfig):
             raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if not self.depth_prompts or not all(isinstance(p, str) and p.strip() for p in self.depth_prompts):
             raise ValueError("depth_prompts must be a non-empty list of non-empty strings")
-        if not self.min_depth > 0:
-            raise ValueError(f"min_depth must be > 0 metres, got {self.min_depth}")
-        if not self.min_depth < self.max_depth:
-            raise ValueError(
-                f"min_depth must be < max_depth, got min_depth={self.min_depth} and max_depth={self.max_depth}"
-            )
+        validate_depth_range(self.min_depth, self.max_depth)
         if self.decoder_hidden_size % 8:
             raise ValueError(f"decoder_hidden_size must be a multiple of 8, got {self.decoder_hidden_size}")
-        unknown = set(self.loss_weights) - set(DEFAULT_LOSS_WEIGHTS)
-        if unknown:
-            raise ValueError(
-                f"loss_weights has unknown terms {sorted(unknown)}; allowed: {sorted(DEFAULT_LOSS_WEIGHTS)}"
-            )
-        for name, weight in self.loss_weights.items():
-            if not weight >= 0:
-                raise ValueError(f"loss_weights[{name!r}] must be >= 0, got {weight}")
-        if not 0 <= self.silog_lambda <= 1:
-            raise ValueError(f"silog_lambda must be in [0, 1], got {self.silog_lambda}")
+        validate_loss_settings(self.loss_weights, self.silog_lambda)
 
     def to_dict(self):
         output = super().to_dict()
         output["custom_pipelines"] = CUSTOM_PIPELINES
         return output
 
-    def _validate_depthclip(self):
-        if self.moa_layers or self.num_unfrozen_layers:
-            raise ValueError(
-                f'head="depthclip" is zero-shot: moa_layers must be [] and num_unfrozen_layers 0, got '
-                f"moa_layers={self.moa_layers} and num_unfrozen_layers={self.num_unfrozen_layers}"
-            )
-        depths = self.depthclip_bin_depths
-        if depths is None or len(depths) != len(self.depth_prompts):
-            raise ValueError(
-                f'head="depthclip" needs depthclip_bin_depths with one depth per prompt ({len(self.depth_prompts)} '
-                f"prompts), got {depths}"
-            )
-        outside = [d for d in depths if not self.min_depth <= d <= self.max_depth]
-        if outside:
-            raise ValueError(
-                f"depthclip_bin_depths {outside} lie outside [min_depth, max_depth] = "
-                f"[{self.min_depth}, {self.max_depth}]"
-            )
-        if not self.depthclip_temperature > 0:
-            raise ValueError(f"depthclip_temperature must be > 0, got {self.depthclip_temperature}")
-
     @property
     def uses_semantic_context(self) -> bool:
         """Whether the global semantic context can change the depth (it feeds routers that mix several experts)."""
-        return self.head != "depthclip" and self.num_experts > 1 and self.prompt_guided_router
+        return self.num_experts > 1 and self.prompt_guided_router
 
     @property
     def trainable_layer_indices(self) -> list[int]:
@@ -350,6 +286,35 @@ def config_from_name(name: str, configs_dir=None) -> MoADepthCLIPConfig:
 
 
 
+def vision_config_from(vision_config) -> CLIPVisionConfig:
+    """A `CLIPVisionConfig` from a config or a dict of fields (unset ones: OpenAI CLIP ViT-B/32's)."""
+    if vision_config is None:
+        return CLIPVisionConfig(**CLIP_VIT_B32_VISION)
+    if isinstance(vision_config, dict):
+        return CLIPVisionConfig(**{**CLIP_VIT_B32_VISION, **vision_config})
+    if not isinstance(vision_config, CLIPVisionConfig):
+        raise ValueError(f"vision_config must be a dict or a CLIPVisionConfig, got {type(vision_config).__name__}")
+    return vision_config
+
+
+def validate_depth_range(min_depth: float, max_depth: float):
+    if not min_depth > 0:
+        raise ValueError(f"min_depth must be > 0 metres, got {min_depth}")
+    if not min_depth < max_depth:
+        raise ValueError(f"min_depth must be < max_depth, got min_depth={min_depth} and max_depth={max_depth}")
+
+
+def validate_loss_settings(loss_weights: dict, silog_lambda: float):
+    unknown = set(loss_weights) - set(DEFAULT_LOSS_WEIGHTS)
+    if unknown:
+        raise ValueError(f"loss_weights has unknown terms {sorted(unknown)}; allowed: {sorted(DEFAULT_LOSS_WEIGHTS)}")
+    for name, weight in loss_weights.items():
+        if not weight >= 0:
+            raise ValueError(f"loss_weights[{name!r}] must be >= 0, got {weight}")
+    if not 0 <= silog_lambda <= 1:
+        raise ValueError(f"silog_lambda must be in [0, 1], got {silog_lambda}")
+
+
 def _check_int(name, value, low, high):
     if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
         allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
@@ -361,4 +326,4 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-__all__ = ["MoADepthCLIPConfig", "DEPTHCLIP_BIN_DEPTHS", "DEPTHCLIP_PROMPTS", "config_from_name"]
+__all__ = ["MoADepthCLIPConfig", "DEPTHCLIP_PROMPTS", "config_from_name"]

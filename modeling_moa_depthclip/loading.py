@@ -1,5 +1,6 @@
-"""The one loader of saved MoA-DepthCLIP models: a local folder or Hub id is checked before any weight is read, and
-every failure is one `ModelLoadError` line naming the folder or file and the reason."""
+"""The one loader of saved models of this package (MoA-DepthCLIP and its DepthCLIP zero-shot baseline): a local
+folder or Hub id is checked before any weight is read, and every failure is one `ModelLoadError` line naming the
+folder or file and the reason. The models' own `from_pretrained` runs the same folder checks."""
 
 from __future__ import annotations
 
@@ -10,24 +11,31 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoImageProcessor
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForDepthEstimation
 from transformers.models.auto.modeling_auto import MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES
 
+# The modeling modules import this one (their `from_pretrained` runs its checks): it must not import them.
+from .configuration_depthclip import DepthCLIPConfig
 from .configuration_moa_depthclip import MoADepthCLIPConfig
 from .image_processing_moa_depthclip import MoADepthCLIPImageProcessor
-from .modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
 from .utils import first_line, is_hub_id
 
 
 logger = logging.getLogger(__name__)
 
-MODEL_TYPE = MoADepthCLIPConfig.model_type
+# The model types this package loads, each with its own config class (registered with the auto classes)
+CONFIG_CLASSES = (MoADepthCLIPConfig, DepthCLIPConfig)
+MODEL_TYPES = tuple(config_class.model_type for config_class in CONFIG_CLASSES)
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
 class ModelLoadError(OSError, ValueError):
     """A model that cannot be loaded; the message is one line naming the folder or file and the reason."""
+
+
+class WeightsFileError(ModelLoadError):
+    """A weights file that is missing, truncated or not safetensors."""
 
 
 def _local_folder(model_id: str | os.PathLike) -> Path | None:
@@ -43,75 +51,83 @@ def _local_folder(model_id: str | os.PathLike) -> Path | None:
     raise ModelLoadError(f"model folder {path} does not exist")
 
 
-def _check_safetensors(path: Path):
+def check_safetensors(path: Path):
     """A weights file whose header or data end before it should (an interrupted copy or save) is named here,
     where safetensors itself would raise an error that names no file."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) < 8:
-            raise ModelLoadError(f"{path}: cannot read the weights: the file is empty or truncated ({size} bytes)")
+            raise WeightsFileError(f"{path}: cannot read the weights: the file is empty or truncated ({size} bytes)")
         header_size = int.from_bytes(prefix, "little")
         if header_size > size - 8:
-            raise ModelLoadError(
+            raise WeightsFileError(
                 f"{path}: cannot read the weights: the file is truncated or not safetensors (its header claims "
                 f"{header_size:,} bytes, the file has {size:,})"
             )
         try:
             header = json.loads(handle.read(header_size))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ModelLoadError(f"{path}: cannot read the weights: not a safetensors file (unreadable header)") from None
+            raise WeightsFileError(f"{path}: cannot read the weights: not a safetensors file (unreadable header)") from None
     try:
         end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError):
-        raise ModelLoadError(f"{path}: cannot read the weights: not a safetensors file (malformed header)") from None
+        raise WeightsFileError(f"{path}: cannot read the weights: not a safetensors file (malformed header)") from None
     expected = 8 + header_size + int(end)
     if size < expected:
-        raise ModelLoadError(
+        raise WeightsFileError(
             f"{path}: cannot read the weights: the file is truncated ({size:,} of {expected:,} bytes; an interrupted "
             "save or copy?)"
         )
 
 
-def _check_weights(folder: Path):
+def check_weights(folder: Path):
+    """Every weights file a saved folder needs is there and complete (`WeightsFileError` naming the file)."""
     index = folder / WEIGHTS_INDEX_NAME
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise ModelLoadError(f"{index} is not a valid safetensors index (no weight_map)") from None
+            raise WeightsFileError(f"{index} is not a valid safetensors index (no weight_map)") from None
         for shard in shards:
             if not (folder / shard).is_file():
-                raise ModelLoadError(f"model folder {folder} lacks the weights file {shard} listed in {index.name}")
-            _check_safetensors(folder / shard)
+                raise WeightsFileError(f"model folder {folder} lacks the weights file {shard} listed in {index.name}")
+            check_safetensors(folder / shard)
         return
     weights = folder / WEIGHTS_NAME
     if weights.is_file():
-        _check_safetensors(weights)
+        check_safetensors(weights)
     elif not any((folder / name).is_file() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        raise ModelLoadError(f"model folder {folder} has no {WEIGHTS_NAME}: no weights saved")
+        raise WeightsFileError(f"model folder {folder} has no {WEIGHTS_NAME}: no weights saved")
+
+
+def check_model_folder(folder: Path, model_types: tuple[str, ...] = MODEL_TYPES) -> None:
+    """A saved model folder has a readable `config.json` of one of `model_types` (a `ModelLoadError` naming
+    config.json otherwise)."""
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"model folder {folder} has no config.json: not a saved model")
+    try:
+        settings = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{config_file} is not valid JSON: {error}") from None
+    model_type = settings.get("model_type") if isinstance(settings, dict) else None
+    if model_type is None:
+        raise ModelLoadError(f"{config_file} has no model_type: not a transformers model config")
+    if model_type not in model_types:
+        raise ModelLoadError(_other_type_message(str(folder), model_type, model_types))
 
 
 def load_config(model_id: str | os.PathLike):
-    """The `MoADepthCLIPConfig` of a saved model (local folder or Hub id), checked before any weight is read.
+    """The config (`MoADepthCLIPConfig` or `DepthCLIPConfig`) of a saved model (local folder or Hub id), checked
+    before any weight is read.
 
     Raises `ModelLoadError` (one line naming the folder or file) for a missing folder, a folder without
     `config.json`, an unreadable `config.json`, or a model of another type.
     """
     folder = _local_folder(model_id)
     if folder is not None:
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise ModelLoadError(f"model folder {folder} has no config.json: not a saved model")
-        try:
-            settings = json.loads(config_file.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ModelLoadError(f"{config_file} is not valid JSON: {error}") from None
-        model_type = settings.get("model_type") if isinstance(settings, dict) else None
-        if model_type is None:
-            raise ModelLoadError(f"{config_file} has no model_type: not a transformers model config")
-        if model_type != MODEL_TYPE:
-            raise ModelLoadError(_other_type_message(str(folder), model_type))
+        check_model_folder(folder)
     try:
         config = AutoConfig.from_pretrained(os.fspath(folder or model_id))
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -120,14 +136,16 @@ def load_config(model_id: str | os.PathLike):
         raise ModelLoadError(
             f"model {os.fspath(model_id)!r} is not a local folder and cannot be loaded from the Hub: {first_line(error)}"
         ) from None
-    if not isinstance(config, MoADepthCLIPConfig):
-        raise ModelLoadError(_other_type_message(os.fspath(model_id), config.model_type))
+    if not isinstance(config, CONFIG_CLASSES):
+        raise ModelLoadError(_other_type_message(os.fspath(model_id), config.model_type, MODEL_TYPES))
     return config
 
 
-def _other_type_message(where: str, model_type: str) -> str:
-    kind = "a depth model of another type" if model_type in MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES else "not a depth model"
-    return f"model {where} is a {model_type!r} model ({kind}), not MoA-DepthCLIP (model_type {MODEL_TYPE!r})"
+def _other_type_message(where: str, model_type: str, model_types: tuple[str, ...]) -> str:
+    depth_model = model_type in MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES or model_type in MODEL_TYPES
+    kind = "a depth model of another type" if depth_model else "not a depth model"
+    expected = " or ".join(repr(name) for name in model_types)
+    return f"model {where} is a {model_type!r} model ({kind}), not one of this package's (model_type {expected})"
 
 
 def load_model_and_processor(
@@ -137,7 +155,8 @@ def load_model_and_processor(
     dtype: torch.dtype | None = None,
     trainable: bool = False,
 ):
-    """Load a MoA-DepthCLIP model (local folder or Hub id) and its image processor.
+    """Load a saved model of this package (local folder or Hub id: MoA-DepthCLIP or the DepthCLIP zero-shot
+    baseline, the class its config names) and its image processor.
 
     The model comes back in eval mode (in train mode with `trainable=True`, the paper's parameters unfrozen), moved
     to `device`/`dtype` if given. A folder without `preprocessor_config.json` gets the default image processor at
@@ -152,10 +171,10 @@ def load_model_and_processor(
     folder = _local_folder(model_id)
     source = os.fspath(folder) if folder is not None else os.fspath(model_id)
     if folder is not None:
-        _check_weights(folder)
+        check_weights(folder)
     try:
         # mismatched shapes are reported below, naming the tensors, instead of transformers' pointer to its log
-        model, info = MoADepthCLIPForDepthEstimation.from_pretrained(
+        model, info = AutoModelForDepthEstimation.from_pretrained(
             source, config=config, output_loading_info=True, ignore_mismatched_sizes=True
         )
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
@@ -192,13 +211,24 @@ def load_model_and_processor(
     return model, image_processor
 
 
+def default_image_processor(config, image_size: tuple[int, int] | None = None) -> MoADepthCLIPImageProcessor:
+    """The image processor a model of `config` is trained and evaluated with: `image_size` (height, width; default
+    the vision tower's input size), sizes kept to multiples of its patch size."""
+    height, width = image_size if image_size is not None else (config.vision_config.image_size,) * 2
+    return MoADepthCLIPImageProcessor(
+        size={"height": int(height), "width": int(width)}, size_divisor=config.vision_config.patch_size
+    )
 
 
-def default_image_processor(config: MoADepthCLIPConfig) -> MoADepthCLIPImageProcessor:
-    """The image processor a model of `config` is trained and evaluated with: the vision tower's input size, sizes
-    kept to multiples of its patch size."""
-    size = config.vision_config.image_size
-    return MoADepthCLIPImageProcessor(size={"height": size, "width": size}, size_divisor=config.vision_config.patch_size)
-
-
-__all__ = ["ModelLoadError", "default_image_processor", "load_config", "load_model_and_processor"]
+__all__ = [
+    "CONFIG_CLASSES",
+    "MODEL_TYPES",
+    "ModelLoadError",
+    "WeightsFileError",
+    "check_model_folder",
+    "check_safetensors",
+    "check_weights",
+    "default_image_processor",
+    "load_config",
+    "load_model_and_processor",
+]

@@ -236,7 +236,7 @@ class DepthLoss:
         })  # fmt: skip
         router_aux = self.router_aux_loss(gates_per_layer)
         loss = sum(config.loss_weights[name] * value for name, value in terms.items())
-        if config.router_aux_loss_coef > 0:
+        if gates_per_layer and config.router_aux_loss_coef > 0:  # models without routers have no such setting
             loss = loss + config.router_aux_loss_coef * router_aux
         components = {name: value.detach() for name, value in terms.items()}
         components["router_aux"] = router_aux.detach()

@@ -4,12 +4,11 @@ Data flow, pixels to metres (see `MoADepthCLIPForDepthEstimation.forward`):
 
     pixels -> CLIP patch embedding -> CLIP blocks, each chosen block followed by a `MixtureOfAdapters`
            whose router is guided by the `GlobalSemanticContext` (the image's similarity to CLIP text embeddings
-           of depth prompts) -> adapted patch tokens of the MoA blocks -> decoder (`MultiScaleDepthDecoder` or
-           `PatchGridDecoder`) -> `HybridDepthHead` (depth-bin classification + regression, fused per pixel)
-           -> bilinear upsampling to the input size -> depth in metres.
+           of depth prompts) [`MoADepthCLIPEncoder`] -> adapted patch tokens of the MoA blocks -> decoder
+           (`MultiScaleDepthDecoder` or `PatchGridDecoder`) -> `HybridDepthHead` (`BinClassificationHead` +
+           `RegressionHead`, fused per pixel) -> bilinear upsampling to the input size -> depth in metres.
 """
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +16,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import nn
 from transformers import CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_outputs import DepthEstimatorOutput
+from transformers.utils import ModelOutput
 
 from .configuration_moa_depthclip import MoADepthCLIPConfig
+from .loading import WeightsFileError, check_model_folder, check_weights
 from .losses import DepthLoss, depth_bin_centers, depth_bin_edges  # noqa: F401  (depth_bin_edges: importable here)
+from .pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
 
 
 @dataclass
@@ -77,9 +79,8 @@ class GlobalSemanticContext(nn.Module):
         # CLIP text features of `config.depth_prompts`, L2-normalised; written by the conversion script.
         self.register_buffer("prompt_embeddings", torch.zeros(len(config.depth_prompts), embed_dim), persistent=True)
         self.image_projection = nn.Linear(hidden_size, embed_dim, bias=False)
-        if config.head != "depthclip":  # the zero-shot head uses only the projection and the prompts
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))
-            self.fuse = nn.Sequential(nn.Linear(2 * embed_dim, config.context_dim), nn.GELU())
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(100.0)))
+        self.fuse = nn.Sequential(nn.Linear(2 * embed_dim, config.context_dim), nn.GELU())
 
     def forward(self, cls_token: torch.Tensor, post_layernorm: nn.Module):
         image_embedding = F.normalize(self.image_projection(post_layernorm(cls_token)), dim=-1)
@@ -291,111 +292,301 @@ class PatchGridDecoder(nn.Module):
         return F.gelu(self.projection(self.norm(tokens))).transpose(1, 2).unflatten(2, grid)
 
 
-class HybridDepthHead(nn.Module):
-    """Depth-bin classification plus direct regression, fused by a learned per-pixel weight.
+@dataclass
+class DepthBinsOutput(ModelOutput):
+    r"""
+    depth (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width)`):
+        Expected depth in metres under the bin probabilities, `sum_k bin_probabilities_k * bin_centers_k`.
+    bin_logits (`torch.FloatTensor` of shape `(batch_size, num_depth_bins, grid_height, grid_width)`)
+    bin_probabilities (`torch.FloatTensor` of shape `(batch_size, num_depth_bins, grid_height, grid_width)`):
+        Softmax of `bin_logits` over the bins, float32.
+    bin_centers (`torch.FloatTensor` of shape `(num_depth_bins,)`): Depth of each bin's centre, metres.
+    """
 
-    classification: expected depth `sum_k softmax(logits)_k * center_k` over `num_depth_bins` bins;
-    regression: `sigmoid` mapped onto [min_depth, max_depth] (in log depth for log-spaced bins);
-    fused: `w * classification + (1 - w) * regression`, `w = sigmoid(gate)`. Both branches lie in
-    [min_depth, max_depth], so the fused depth does too. `config.head="classification"` or `"regression"` builds
-    only that branch (the head ablations); the missing outputs are None.
+    depth: torch.FloatTensor | None = None
+    bin_logits: torch.FloatTensor | None = None
+    bin_probabilities: torch.FloatTensor | None = None
+    bin_centers: torch.FloatTensor | None = None
+
+
+@dataclass
+class DepthRegressionOutput(ModelOutput):
+    r"""
+    depth (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width)`): Regressed depth in metres.
+    """
+
+    depth: torch.FloatTensor | None = None
+
+
+@dataclass
+class DepthHeadOutput(ModelOutput):
+    r"""
+    depth (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width)`): The head's depth in metres.
+    classification ([`DepthBinsOutput`], *optional*): The depth-bin branch, when the head has one.
+    regression_depth (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width)`, *optional*):
+        The regression branch's depth, when the head has one.
+    fusion_weight (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width)`, *optional*):
+        Per-pixel weight of the classification branch in the fused depth (hybrid head only).
+    """
+
+    depth: torch.FloatTensor | None = None
+    classification: DepthBinsOutput | None = None
+    regression_depth: torch.FloatTensor | None = None
+    fusion_weight: torch.FloatTensor | None = None
+
+
+# Both branch heads are the 1x1 convolutions they are (keys `weight`, `bias` under their name in the head), with a
+# forward that turns the convolution's output into depth.
+
+
+class BinClassificationHead(nn.Conv2d):
+    """Depth-bin classification: `num_depth_bins` logits per pixel (1x1 convolution); the depth is the expected bin
+    centre `sum_k softmax(logits)_k * center_k`, the centres spaced as `config.bin_spacing` says."""
+
+    def __init__(self, config: MoADepthCLIPConfig, in_channels: int):
+        super().__init__(in_channels, config.num_depth_bins, 1)
+        self.config = config
+
+    def forward(self, features: torch.Tensor) -> DepthBinsOutput:
+        bin_logits = super().forward(features)
+        centers = depth_bin_centers(self.config, device=features.device, dtype=torch.float32)
+        probabilities = bin_logits.float().softmax(dim=1)
+        depth = torch.einsum("bkhw,k->bhw", probabilities, centers)
+        return DepthBinsOutput(
+            depth=depth, bin_logits=bin_logits, bin_probabilities=probabilities, bin_centers=centers
+        )
+
+
+class RegressionHead(nn.Conv2d):
+    """Direct regression: one value per pixel (1x1 convolution), `sigmoid` mapped onto [min_depth, max_depth],
+    in log depth for log-spaced bins."""
+
+    def __init__(self, config: MoADepthCLIPConfig, in_channels: int):
+        super().__init__(in_channels, 1, 1)
+        self.min_depth, self.max_depth = config.min_depth, config.max_depth
+        self.log_depth = config.bin_spacing == "log"
+
+    def forward(self, features: torch.Tensor) -> DepthRegressionOutput:
+        unit = torch.sigmoid(super().forward(features).float()).squeeze(1)
+        if self.log_depth:
+            low, high = math.log(self.min_depth), math.log(self.max_depth)
+            return DepthRegressionOutput(depth=torch.exp(low + unit * (high - low)))
+        return DepthRegressionOutput(depth=self.min_depth + unit * (self.max_depth - self.min_depth))
+
+
+class HybridDepthHead(nn.Module):
+    """Depth-bin classification plus direct regression, fused by a learned per-pixel weight:
+    `w * classification + (1 - w) * regression`, `w = sigmoid(fusion_gate(features))`. Both branches lie in
+    [min_depth, max_depth], so the fused depth does too.
+
+    The head ablations (`config.head="classification"` or `"regression"`) build only that branch and no gate; the
+    depth is then that branch's.
     """
 
     def __init__(self, config: MoADepthCLIPConfig, in_channels: int):
         super().__init__()
-        self.config = config
-        if config.head in ("hybrid", "classification"):
-            self.bin_classifier = nn.Conv2d(in_channels, config.num_depth_bins, 1)
-        if config.head in ("hybrid", "regression"):
-            self.regressor = nn.Conv2d(in_channels, 1, 1)
-        if config.head == "hybrid":
-            self.fusion_gate = nn.Conv2d(in_channels, 1, 1)
+        classifies, regresses = config.head in ("hybrid", "classification"), config.head in ("hybrid", "regression")
+        self.bin_classifier = BinClassificationHead(config, in_channels) if classifies else None
+        self.regressor = RegressionHead(config, in_channels) if regresses else None
+        self.fusion_gate = nn.Conv2d(in_channels, 1, 1) if classifies and regresses else None
 
-    def forward(self, features: torch.Tensor):
-        config = self.config
-        bin_logits = classification = regression = weight = None
-        if config.head in ("hybrid", "classification"):
-            bin_logits = self.bin_classifier(features)
-            centers = depth_bin_centers(config, device=features.device, dtype=torch.float32)
-            probs = bin_logits.float().softmax(dim=1)
-            classification = torch.einsum("bkhw,k->bhw", probs, centers)
-        if config.head in ("hybrid", "regression"):
-            unit = torch.sigmoid(self.regressor(features).float()).squeeze(1)
-            if config.bin_spacing == "log":
-                low, high = math.log(config.min_depth), math.log(config.max_depth)
-                regression = torch.exp(low + unit * (high - low))
-            else:
-                regression = config.min_depth + unit * (config.max_depth - config.min_depth)
-        if config.head == "hybrid":
-            weight = torch.sigmoid(self.fusion_gate(features).float()).squeeze(1)
-            depth = weight * classification + (1 - weight) * regression
-        else:
-            depth = classification if classification is not None else regression
-        return depth, classification, regression, weight, bin_logits
+    def forward(self, features: torch.Tensor) -> DepthHeadOutput:
+        classification = self.bin_classifier(features) if self.bin_classifier is not None else None
+        regression = self.regressor(features).depth if self.regressor is not None else None
+        if self.fusion_gate is None:
+            depth = classification.depth if classification is not None else regression
+            return DepthHeadOutput(depth=depth, classification=classification, regression_depth=regression)
+        weight = torch.sigmoid(self.fusion_gate(features).float()).squeeze(1)
+        depth = weight * classification.depth + (1 - weight) * regression
+        return DepthHeadOutput(
+            depth=depth, classification=classification, regression_depth=regression, fusion_weight=weight
+        )
 
 
-class DepthCLIPZeroShotHead(nn.Module):
-    """DepthCLIP's zero-shot depth on a ViT: every patch token is scored against the depth prompts like CLIP
-    zero-shot classification, and its depth is the expectation of the prompts' depths.
-
-    `softmax_k(depthclip_logit_scale * cos(proj(ln(token)), text_k) / depthclip_temperature) . bin_depths`, with
-    CLIP's own `post_layernorm` and visual projection and the prompts' CLIP text features (`semantic_context`).
-    It has no parameters of its own.
+@dataclass
+class MoADepthCLIPEncoderOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, 1 + num_patches, hidden_size)`):
+        The last block's output, adapted if a MoA follows it.
+    patch_tokens (`tuple[torch.FloatTensor]`): The adapted patch tokens (no CLS) of each block of `moa_layers`.
+    patch_grid (`tuple[int, int]`): Height and width of the patch grid.
+    router_gates (`tuple[torch.FloatTensor]`): Gates `(batch_size, tokens, num_experts)` of each MoA.
+    prompt_probs (`torch.FloatTensor` of shape `(batch_size, num_prompts)`, *optional*):
+        The image's softmax similarity to each depth prompt, from the last MoA's semantic context.
+    hidden_states (`tuple[torch.FloatTensor]`, *optional*): The input of every block and the last output.
     """
 
-    def __init__(self, config: MoADepthCLIPConfig):
+    last_hidden_state: torch.FloatTensor | None = None
+    patch_tokens: tuple | None = None
+    patch_grid: tuple | None = None
+    router_gates: tuple | None = None
+    prompt_probs: torch.FloatTensor | None = None
+    hidden_states: tuple | None = None
+
+
+class MoADepthCLIPEncoder(nn.Module):
+    """CLIP's vision blocks with a Mixture-of-Adapters after each block of `config.moa_layers`, and the memory
+    policy of training:
+
+    - the leading blocks in which nothing trains (nor before them) run without an autograd graph;
+    - with `config.checkpoint_frozen_layers`, a frozen block after a trainable module is recomputed in the backward
+      pass instead of storing its activations (it only passes gradients back).
+
+    It uses the model's `vision_model`, `moa` and `semantic_context` and owns no weights: they stay registered on
+    the model, so their keys remain `vision_model.*` (CLIP's own layout), `moa.*` and `semantic_context.*`.
+    """
+
+    def __init__(self, config: MoADepthCLIPConfig, vision_model: CLIPVisionModel, moa: nn.ModuleDict, semantic_context):
         super().__init__()
         self.config = config
+        # plain attributes, not submodules: registered twice, every weight would get a second key
+        object.__setattr__(self, "vision_model", vision_model)
+        object.__setattr__(self, "moa", moa)
+        object.__setattr__(self, "semantic_context", semantic_context)
 
-    def forward(self, last_hidden_state, grid, post_layernorm, semantic_context):
-        config = self.config
-        patches = F.normalize(semantic_context.image_projection(post_layernorm(last_hidden_state[:, 1:])), dim=-1)
-        prompts = semantic_context.prompt_embeddings.to(patches.dtype)
-        logits = config.depthclip_logit_scale * patches @ prompts.t() / config.depthclip_temperature
-        probs = logits.float().softmax(dim=-1)
-        bin_depths = torch.tensor(config.depthclip_bin_depths, device=probs.device, dtype=probs.dtype)
-        depth = (probs @ bin_depths).unflatten(1, grid)
-        return depth, logits.transpose(1, 2).unflatten(2, grid)
+    @staticmethod
+    def _is_frozen_block(layer) -> bool:
+        # a block that checkpoints itself (gradient checkpointing enabled) needs no second wrapper
+        return not layer.gradient_checkpointing and not any(p.requires_grad for p in layer.parameters())
+
+    def frozen_prefix_length(self) -> int:
+        """Number of leading blocks that can run without an autograd graph (nothing in or before them trains)."""
+        vision = self.vision_model
+        if any(p.requires_grad for p in vision.embeddings.parameters()) or any(
+            p.requires_grad for p in vision.pre_layrnorm.parameters()
+        ):
+            return 0
+        count = 0
+        for layer in vision.encoder.layers:
+            if any(p.requires_grad for p in layer.parameters()):
+                break
+            count += 1
+        # the first MoA's router needs the graph from its own block's output onwards, not before
+        return min(count, self.config.moa_layers[0] + 1) if self.config.moa_layers else count
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> MoADepthCLIPEncoderOutput:
+        vision = self.vision_model
+        height, width = pixel_values.shape[-2:]
+        patch_size, image_size = self.config.vision_config.patch_size, self.config.vision_config.image_size
+        grad_enabled = torch.is_grad_enabled()
+        frozen_prefix = self.frozen_prefix_length() if grad_enabled else 0
+        recompute_frozen = self.config.checkpoint_frozen_layers and self.training and grad_enabled
+        moa_layers = set(self.config.moa_layers)
+        all_hidden_states, patch_tokens, router_gates = [], [], []
+        prompt_probs = None
+
+        with torch.set_grad_enabled(grad_enabled and frozen_prefix == 0):
+            hidden_states = vision.embeddings(
+                pixel_values, interpolate_pos_encoding=(height, width) != (image_size, image_size)
+            )
+            hidden_states = vision.pre_layrnorm(hidden_states)
+        for index, layer in enumerate(vision.encoder.layers):
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            with torch.set_grad_enabled(grad_enabled and index >= frozen_prefix):
+                if recompute_frozen and index >= frozen_prefix and self._is_frozen_block(layer):
+                    hidden_states = torch.utils.checkpoint.checkpoint(
+                        layer, hidden_states, attention_mask=None, use_reentrant=False
+                    )
+                else:
+                    hidden_states = layer(hidden_states, attention_mask=None)
+            if str(index) in self.moa:
+                context = None
+                if self.config.prompt_guided_router:
+                    context, prompt_probs = self.semantic_context(hidden_states[:, 0], vision.post_layernorm)
+                hidden_states, gates = self.moa[str(index)](hidden_states, context)
+                router_gates.append(gates)
+            if index in moa_layers:
+                patch_tokens.append(hidden_states[:, 1:])
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+        return MoADepthCLIPEncoderOutput(
+            last_hidden_state=hidden_states,
+            patch_tokens=tuple(patch_tokens),
+            patch_grid=(height // patch_size, width // patch_size),
+            router_gates=tuple(router_gates),
+            prompt_probs=prompt_probs,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )
 
 
-def _check_model_type(source, model_type: str):
-    """A local folder of another model type fails here, instead of loading as a randomly initialised model."""
-    config_file = Path(str(source)).expanduser() / "config.json"
-    if not config_file.is_file():
-        return
-    try:
-        found = json.loads(config_file.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return  # the config loader reports it
-    if found is not None and found != model_type:
-        raise ValueError(f"{config_file}: model_type is {found!r}, not a {model_type!r} checkpoint")
+def check_pixel_values(pixel_values, vision_config) -> torch.Tensor:
+    """`pixel_values` as a CLIP ViT of `vision_config` takes them; a `ValueError` names the shape otherwise."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+        raise ValueError(f"pixel_values must be a tensor of shape (batch, channels, height, width), got {shape}")
+    channels, patch_size = vision_config.num_channels, vision_config.patch_size
+    if pixel_values.shape[1] != channels:
+        raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels, the model expects {channels}")
+    height, width = pixel_values.shape[-2:]
+    if height < patch_size or width < patch_size:
+        raise ValueError(
+            f"pixel_values is {height}x{width}; height and width must be at least the patch size {patch_size}"
+        )
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"pixel_values is {height}x{width}; height and width must be multiples of the patch size "
+            f"{patch_size} (the image processor resizes to such a size)"
+        )
+    return pixel_values
 
 
-def _unreadable_safetensors_file(source) -> str:
-    """The first weights file of a local checkpoint folder that safetensors cannot open (else the source)."""
-    folder = Path(str(source)).expanduser()
-    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-        try:
-            with safe_open(str(file), framework="pt"):
-                pass
-        except SafetensorError:
-            return str(file)
-    return str(source)
+class CLIPDepthPreTrainedModel(PreTrainedModel):
+    """What every depth model on a CLIP ViT of this package shares: pixels in, `from_pretrained` checked by the
+    package's loader, the depth-estimation pipeline saved with the code, a configuration-defined trainable set."""
 
-
-class MoADepthCLIPPreTrainedModel(PreTrainedModel):
-    config: MoADepthCLIPConfig
-    config_class = MoADepthCLIPConfig
-    base_model_prefix = "moa_depthclip"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["CLIPEncoderLayer", "MixtureOfAdapters"]
     # The loss is a mean over each image's valid pixels with non-linear terms (SILog, SSIM), not a sum over items
     # that a count could normalise: Trainer must divide it by the accumulation steps itself rather than hand the
     # model `num_items_in_batch` (which it does for models that claim loss kwargs, e.g. through `**kwargs`).
     accepts_loss_kwargs = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # a local folder is checked first (config, model type, weights): one error naming the file instead of a
+        # random model of another type or safetensors' error without a file name
+        folder = Path(str(pretrained_model_name_or_path)).expanduser() / kwargs.get("subfolder", "")
+        if folder.is_dir():
+            check_model_folder(folder, model_types=(cls.config_class.model_type,))
+            try:
+                check_weights(folder)
+            except WeightsFileError as error:
+                # the pipeline retries every other model class on OSError/ValueError and reports all of their
+                # tracebacks; safetensors' own error type for an unreadable file reaches the caller as it is
+                raise SafetensorError(str(error)) from None
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # loading materialises fresh parameters; restore the configuration's trainable set on them
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        model.apply_trainable_mask()
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and self._auto_class is not None:
+            # the richer depth-estimation pipeline travels with the code: config.json names it (`custom_pipelines`)
+            custom_object_save(MoADepthCLIPDepthEstimationPipeline, save_directory)
+
+    @property
+    def prompt_embeddings(self) -> torch.Tensor:
+        return self.semantic_context.prompt_embeddings
+
+    def is_trainable_parameter(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def apply_trainable_mask(self):
+        """Set `requires_grad` on exactly the parameters the configuration trains (and clear it on the rest)."""
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(self.is_trainable_parameter(name))
+
+
+class MoADepthCLIPPreTrainedModel(CLIPDepthPreTrainedModel):
+    config: MoADepthCLIPConfig
+    config_class = MoADepthCLIPConfig
+    base_model_prefix = "moa_depthclip"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CLIPEncoderLayer", "MixtureOfAdapters"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -405,74 +596,45 @@ class MoADepthCLIPPreTrainedModel(PreTrainedModel):
             init.zeros_(module.up_proj.weight)
             init.zeros_(module.up_bias)
         elif isinstance(module, GlobalSemanticContext):
-            # placeholder prompts until the conversion writes real CLIP text embeddings; seeded so that every
-            # fresh model of one configuration agrees
-            generator = torch.Generator().manual_seed(0)
-            random = torch.randn(module.prompt_embeddings.shape, generator=generator)
-            init.copy_(module.prompt_embeddings, F.normalize(random, dim=-1))
-            if hasattr(module, "logit_scale"):
-                init.constant_(module.logit_scale, math.log(100.0))
+            init_prompt_embeddings(module.prompt_embeddings)
+            init.constant_(module.logit_scale, math.log(100.0))
+
+
+def init_prompt_embeddings(prompt_embeddings: torch.Tensor):
+    """Placeholder prompts until the conversion writes real CLIP text embeddings; seeded so that every fresh model
+    of one configuration agrees."""
+    generator = torch.Generator().manual_seed(0)
+    random = torch.randn(prompt_embeddings.shape, generator=generator)
+    init.copy_(prompt_embeddings, F.normalize(random, dim=-1))
 
 
 class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
     """MoA-DepthCLIP: a CLIP vision tower with Mixture-of-Adapters, a decoder and a hybrid depth head.
 
     `vision_model` is an unmodified transformers `CLIPVisionModel` (keys `vision_model.*`, as in `CLIPModel`),
-    so CLIP weights load into it unchanged. The MoA modules live beside it in `moa` (keyed by block index) and
-    are applied to the output of their block in `forward`.
+    so CLIP weights load into it unchanged. The MoA modules live beside it in `moa` (keyed by block index);
+    `encoder` runs the CLIP blocks with them.
     """
 
     def __init__(self, config: MoADepthCLIPConfig):
         super().__init__(config)
-        self.vision_model = CLIPVisionModel._from_config(config.vision_config)
+        self.vision_model = CLIPVisionModel(config.vision_config)
         self.semantic_context = GlobalSemanticContext(config)
-        if config.head == "depthclip":
-            self.head = DepthCLIPZeroShotHead(config)
-        else:
-            experts = config.num_experts > 0
-            self.moa = nn.ModuleDict({str(i): MixtureOfAdapters(config) for i in config.moa_layers if experts})
-            decoder = MultiScaleDepthDecoder if config.decoder == "multiscale" else PatchGridDecoder
-            self.decoder = decoder(config)
-            self.head = HybridDepthHead(config, self.decoder.out_channels)
+        experts = config.num_experts > 0
+        self.moa = nn.ModuleDict({str(i): MixtureOfAdapters(config) for i in config.moa_layers if experts})
+        self.encoder = MoADepthCLIPEncoder(config, self.vision_model, self.moa, self.semantic_context)
+        decoder = MultiScaleDepthDecoder if config.decoder == "multiscale" else PatchGridDecoder
+        self.decoder = decoder(config)
+        self.head = HybridDepthHead(config, self.decoder.out_channels)
         self.depth_loss = DepthLoss(config)
         self.post_init()
         self.apply_trainable_mask()
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True) and self._auto_class is not None:
-            # the richer depth-estimation pipeline travels with the code: config.json names it (`custom_pipelines`)
-            from .pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
-
-            custom_object_save(MoADepthCLIPDepthEstimationPipeline, save_directory)
-
-    @property
-    def prompt_embeddings(self) -> torch.Tensor:
-        return self.semantic_context.prompt_embeddings
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        _check_model_type(pretrained_model_name_or_path, cls.config_class.model_type)
-        try:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except SafetensorError as error:
-            # safetensors names no file; the same error type keeps it outside the pipeline's catch-all retry
-            raise SafetensorError(
-                f"{_unreadable_safetensors_file(pretrained_model_name_or_path)}: cannot read the weights ({error}); "
-                "the file is truncated or corrupt: save or download it again"
-            ) from None
-        # loading materialises fresh parameters; restore the configuration's trainable set on them
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
-        model.apply_trainable_mask()
-        return loaded
-
     def is_trainable_parameter(self, name: str) -> bool:
         """Everything outside the CLIP tower that can change the depth trains; inside it, only the last
-        `num_unfrozen_layers` blocks. Nothing trains with `head="depthclip"`; the semantic context trains only if
-        it guides routers of several experts, and the routers only if there are several experts to route to."""
+        `num_unfrozen_layers` blocks. The semantic context trains only if it guides routers of several experts, and
+        the routers only if there are several experts to route to."""
         config = self.config
-        if config.head == "depthclip":
-            return False
         if name.startswith("semantic_context."):
             return config.uses_semantic_context
         if ".router." in name and name.startswith("moa."):
@@ -482,30 +644,6 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         return any(
             name.startswith(f"vision_model.encoder.layers.{index}.") for index in self.config.trainable_layer_indices
         )
-
-    def apply_trainable_mask(self):
-        """Set `requires_grad` on exactly the parameters the configuration trains (and clear it on the rest)."""
-        for name, parameter in self.named_parameters():
-            parameter.requires_grad_(self.is_trainable_parameter(name))
-
-    @staticmethod
-    def _is_frozen_block(layer) -> bool:
-        # a block that checkpoints itself (gradient checkpointing enabled) needs no second wrapper
-        return not layer.gradient_checkpointing and not any(p.requires_grad for p in layer.parameters())
-
-    def _frozen_prefix_length(self) -> int:
-        """Number of leading blocks that can run without an autograd graph (nothing in or before them trains)."""
-        if any(p.requires_grad for p in self.vision_model.embeddings.parameters()) or any(
-            p.requires_grad for p in self.vision_model.pre_layrnorm.parameters()
-        ):
-            return 0
-        count = 0
-        for layer in self.vision_model.encoder.layers:
-            if any(p.requires_grad for p in layer.parameters()):
-                break
-            count += 1
-        # the first MoA's router needs the graph from its own block's output onwards, not before
-        return min(count, self.config.moa_layers[0] + 1) if self.config.moa_layers else count
 
     def forward(
         self,
@@ -526,127 +664,49 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        pixel_values = self._check_pixel_values(pixel_values)
-        if self.config.head == "depthclip":
-            return self._zero_shot_forward(pixel_values, labels, output_hidden_states, return_dict)
-        batch_size, _, height, width = pixel_values.shape
-        vision = self.vision_model
-        patch_size = self.config.vision_config.patch_size
-        grid = (height // patch_size, width // patch_size)
-        image_size = self.config.vision_config.image_size
+        pixel_values = check_pixel_values(pixel_values, self.config.vision_config)
 
-        frozen_prefix = self._frozen_prefix_length() if torch.is_grad_enabled() else 0
-        recompute_frozen = self.config.checkpoint_frozen_layers and self.training and torch.is_grad_enabled()
-        all_hidden_states = []
-        patch_tokens, gates_per_layer = [], []
-        moa_layers = set(self.config.moa_layers)
-        prompt_probs = None
+        encoded = self.encoder(pixel_values, output_hidden_states=output_hidden_states)
+        features = self.decoder(list(encoded.patch_tokens), encoded.patch_grid, pixel_values)
+        head = self.head(features)
+        predicted_depth = self.to_input_size(head.depth, pixel_values)
+        bin_logits = head.classification.bin_logits if head.classification is not None else None
+        loss_output = (
+            self.depth_loss(predicted_depth, bin_logits, labels, list(encoded.router_gates))
+            if labels is not None
+            else None
+        )
 
-        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen_prefix == 0):
-            hidden_states = vision.embeddings(
-                pixel_values, interpolate_pos_encoding=(height, width) != (image_size, image_size)
-            )
-            hidden_states = vision.pre_layrnorm(hidden_states)
-        for index, layer in enumerate(vision.encoder.layers):
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and index >= frozen_prefix):
-                if recompute_frozen and index >= frozen_prefix and self._is_frozen_block(layer):
-                    # a frozen block after a trainable module only passes gradients through: keep its input and
-                    # recompute it in backward rather than storing its activations
-                    hidden_states = torch.utils.checkpoint.checkpoint(layer, hidden_states, None, use_reentrant=False)
-                else:
-                    hidden_states = layer(hidden_states, None)
-            if str(index) in self.moa:
-                context = None
-                if self.config.prompt_guided_router:
-                    context, prompt_probs = self.semantic_context(hidden_states[:, 0], vision.post_layernorm)
-                hidden_states, gates = self.moa[str(index)](hidden_states, context)
-                gates_per_layer.append(gates)
-            if index in moa_layers:
-                patch_tokens.append(hidden_states[:, 1:])
-        if output_hidden_states:
-            all_hidden_states.append(hidden_states)
-
-        features = self.decoder(patch_tokens, grid, pixel_values)
-        depth, classification, regression, weight, bin_logits = self.head(features)
-        predicted_depth = F.interpolate(depth.unsqueeze(1), size=(height, width), mode="bilinear").squeeze(1)
-        predicted_depth = predicted_depth.clamp(self.config.min_depth, self.config.max_depth)
-
-        router_probs = torch.stack([g.mean(dim=1) for g in gates_per_layer], dim=1) if gates_per_layer else None
-
-        loss_output = None
-        if labels is not None:
-            loss_output = self.depth_loss(predicted_depth, bin_logits, labels, gates_per_layer)
         loss = loss_output.loss if loss_output is not None else None
-
         if not return_dict:
-            output = (predicted_depth,) + ((tuple(all_hidden_states),) if output_hidden_states else ())
+            output = (predicted_depth,) + ((encoded.hidden_states,) if output_hidden_states else ())
             return ((loss,) + output) if loss is not None else output
+        gates = encoded.router_gates
         return MoADepthCLIPDepthEstimatorOutput(
             loss=loss,
             predicted_depth=predicted_depth,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            classification_depth=classification,
-            regression_depth=regression,
-            fusion_weight=weight,
+            hidden_states=encoded.hidden_states,
+            classification_depth=head.classification.depth if head.classification is not None else None,
+            regression_depth=head.regression_depth,
+            fusion_weight=head.fusion_weight,
             bin_logits=bin_logits,
-            router_probs=router_probs,
-            prompt_probs=prompt_probs,
+            router_probs=torch.stack([g.mean(dim=1) for g in gates], dim=1) if gates else None,
+            prompt_probs=encoded.prompt_probs,
             router_aux_loss=loss_output.router_aux_loss if loss_output is not None else None,
             loss_components=loss_output.components if loss_output is not None else None,
             valid_label_mask=loss_output.valid_mask if loss_output is not None else None,
         )
 
-    def _zero_shot_forward(self, pixel_values, labels, output_hidden_states, return_dict):
-        """`head="depthclip"`: the stock CLIP tower, then DepthCLIP's rule on the patch grid (no MoA, no decoder)."""
-        height, width = pixel_values.shape[-2:]
-        patch_size, image_size = self.config.vision_config.patch_size, self.config.vision_config.image_size
-        outputs = self.vision_model(
-            pixel_values,
-            output_hidden_states=output_hidden_states,
-            interpolate_pos_encoding=(height, width) != (image_size, image_size),
-        )
-        grid = (height // patch_size, width // patch_size)
-        depth, prompt_logits = self.head(
-            outputs.last_hidden_state, grid, self.vision_model.post_layernorm, self.semantic_context
-        )
-        predicted_depth = F.interpolate(depth.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
-        predicted_depth = predicted_depth.squeeze(1)
-        loss_output = self.depth_loss(predicted_depth, None, labels, []) if labels is not None else None
-        loss = loss_output.loss if loss_output is not None else None
-        if not return_dict:
-            output = (predicted_depth,) + ((outputs.hidden_states,) if output_hidden_states else ())
-            return ((loss,) + output) if loss is not None else output
-        return MoADepthCLIPDepthEstimatorOutput(
-            loss=loss,
-            predicted_depth=predicted_depth,
-            hidden_states=outputs.hidden_states if output_hidden_states else None,
-            classification_depth=depth,
-            bin_logits=prompt_logits,
-            loss_components=loss_output.components if loss_output is not None else None,
-            valid_label_mask=loss_output.valid_mask if loss_output is not None else None,
-        )
-
-    def _check_pixel_values(self, pixel_values):
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-            raise ValueError(f"pixel_values must be a tensor of shape (batch, channels, height, width), got {shape}")
-        channels = self.config.vision_config.num_channels
-        patch_size = self.config.vision_config.patch_size
-        if pixel_values.shape[1] != channels:
-            raise ValueError(f"pixel_values has {pixel_values.shape[1]} channels, the model expects {channels}")
-        height, width = pixel_values.shape[-2:]
-        if height < patch_size or width < patch_size:
-            raise ValueError(
-                f"pixel_values is {height}x{width}; height and width must be at least the patch size {patch_size}"
-            )
-        if height % patch_size or width % patch_size:
-            raise ValueError(
-                f"pixel_values is {height}x{width}; height and width must be multiples of the patch size "
-                f"{patch_size} (the image processor resizes to such a size)"
-            )
-        return pixel_values
+    def to_input_size(self, depth: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The head's depth upsampled bilinearly to the input size, within `[min_depth, max_depth]`."""
+        depth = F.interpolate(depth.unsqueeze(1), size=pixel_values.shape[-2:], mode="bilinear").squeeze(1)
+        return depth.clamp(self.config.min_depth, self.config.max_depth)
 
 
-__all__ = ["MoADepthCLIPForDepthEstimation", "MoADepthCLIPPreTrainedModel", "MoADepthCLIPDepthEstimatorOutput"]
+__all__ = [
+    "CLIPDepthPreTrainedModel",
+    "MoADepthCLIPDepthEstimatorOutput",
+    "MoADepthCLIPEncoder",
+    "MoADepthCLIPForDepthEstimation",
+    "MoADepthCLIPPreTrainedModel",
+]

@@ -3,12 +3,9 @@
 import os
 
 import numpy as np
-import torch
 from transformers import DepthEstimationPipeline
 
-from .configuration_moa_depthclip import MoADepthCLIPConfig
 from .image_processing_moa_depthclip import load_image_file
-from .packed_linear import pack_linear_layers
 from .visualization import colorize_unit_depth, grayscale_unit_depth, normalize_depth
 
 
@@ -23,23 +20,13 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
 
     Local image paths are opened with `load_image_file`, so an unreadable file fails with one error naming it.
 
-    `pack_linear_weights` (default: when the model runs in float32 on CPU) installs the CPU fast path of
-    `packed_linear` on the model: the same depth up to fp32 rounding, faster, one more copy of the linear weights
-    in memory. Pass `pack_linear_weights=False` to `pipeline(...)` to keep the memory instead.
+    Reach it with `pipeline("depth-estimation", model=..., pipeline_class=MoADepthCLIPDepthEstimationPipeline)`, or
+    from a saved folder's own code with `pipeline("depth-estimation", model=folder, trust_remote_code=True)`. The
+    model it is given is run as it is: the pipeline changes none of its modules or weights.
     """
 
     # depth models have no video processor; left unset, the loader would probe for one and ask about remote code
     _load_video_processor = False
-
-    def __init__(self, *args, pack_linear_weights: bool | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if pack_linear_weights is None:
-            parameter = next(self.model.parameters(), None)
-            pack_linear_weights = (
-                parameter is not None and parameter.device.type == "cpu" and parameter.dtype == torch.float32
-            )
-        if pack_linear_weights:
-            pack_linear_layers(self.model)
 
     def preprocess(self, image, timeout=None):
         if isinstance(image, (str, os.PathLike)) and not str(image).startswith(("http://", "https://", "data:")):
@@ -62,26 +49,6 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
                 }
             )
         return formatted[0] if len(formatted) == 1 else formatted
-
-
-def depth_estimation_pipeline_for(stock_class):
-    """The class `pipeline("depth-estimation")` builds once this package is imported: MoA-DepthCLIP models get
-    `MoADepthCLIPDepthEstimationPipeline`, every other model gets exactly what `stock_class` builds."""
-
-    class DepthEstimationPipelineByModel(stock_class):
-        # no depth-estimation pipeline uses a video processor; probing a MoA-DepthCLIP folder for one would ask
-        # about remote code (its image processor's auto_map suggests a video processor next to it)
-        _load_video_processor = False
-
-        def __new__(cls, *args, **kwargs):
-            model = kwargs.get("model", args[0] if args else None)
-            model_type = getattr(getattr(model, "config", None), "model_type", None)
-            target = MoADepthCLIPDepthEstimationPipeline if model_type == MoADepthCLIPConfig.model_type else stock_class
-            # an instance of another class: Python does not run __init__ on it a second time
-            return target(*args, **kwargs)
-
-    DepthEstimationPipelineByModel.__qualname__ = DepthEstimationPipelineByModel.__name__
-    return DepthEstimationPipelineByModel
 
 
 __all__ = ["MoADepthCLIPDepthEstimationPipeline"]

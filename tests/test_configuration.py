@@ -1,8 +1,10 @@
+import re
+
 import pytest
 from transformers import AutoConfig, CLIPVisionConfig
 
-from modeling_moa_depthclip import DEPTHCLIP_PROMPTS, MoADepthCLIPConfig
-from tiny_models import tiny_config
+from modeling_moa_depthclip import DEPTHCLIP_BIN_DEPTHS, DEPTHCLIP_PROMPTS, DepthCLIPConfig, MoADepthCLIPConfig
+from tiny_models import TINY_VISION, tiny_config
 
 
 def test_default_is_openai_clip_vit_b32_and_the_papers_design():
@@ -41,12 +43,8 @@ def test_round_trip_through_json_and_auto_config(tmp_path):
         (dict(moa_layers=[]), "moa_layers", "at least one"),
         (dict(moa_layers=[2, 1]), "moa_layers", "increasing"),
         (dict(num_experts=-1), "num_experts", ">= 0"),
-        (dict(head="dpt"), "head", "depthclip"),
-        (dict(head="depthclip"), "moa_layers", "must be []"),
-        (dict(head="depthclip", moa_layers=[], num_unfrozen_layers=0, depth_prompts=["near", "far"]),
-         "depthclip_bin_depths", "one depth per prompt"),
-        (dict(head="depthclip", moa_layers=[], num_unfrozen_layers=0, max_depth=2.0), "depthclip_bin_depths",
-         "outside [min_depth, max_depth]"),
+        (dict(head="dpt"), "head", "regression"),
+        (dict(head="depthclip"), "head", "'hybrid', 'classification', 'regression'"),  # its own model now
         (dict(adapter_bottleneck=0), "adapter_bottleneck", ">= 1"),
         (dict(num_unfrozen_layers=5), "num_unfrozen_layers", "[0, 4]"),
         (dict(min_depth=10.0, max_depth=10.0), "min_depth", "< max_depth"),
@@ -66,3 +64,27 @@ def test_invalid_values_name_the_field_and_the_allowed_range(overrides, field, a
     with pytest.raises(ValueError) as error:
         tiny_config(**overrides)
     assert field in str(error.value) and allowed in str(error.value)
+
+
+def test_the_zero_shot_baseline_has_its_own_config_with_depthclips_defaults(tmp_path):
+    config = DepthCLIPConfig(vision_config=dict(TINY_VISION))
+    assert config.model_type == "depthclip_zero_shot" != MoADepthCLIPConfig.model_type
+    assert config.depth_prompts == DEPTHCLIP_PROMPTS and config.bin_depths == DEPTHCLIP_BIN_DEPTHS
+    assert (config.logit_scale, config.prompt_temperature) == (100.0, 0.1)
+    assert not any(name.startswith(("moa_", "num_experts", "router", "decoder", "head")) for name in config.to_dict())
+    config.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is DepthCLIPConfig
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(depth_prompts=["near", "far"]), "bin_depths needs one depth per prompt (2 prompts)"),
+        (dict(max_depth=2.0), "bin_depths [2.25, 2.5, 2.75, 3.0] lie outside [min_depth, max_depth]"),
+        (dict(prompt_temperature=0.0), "prompt_temperature must be > 0"),
+        (dict(loss_weights={"edges": 1.0}), "loss_weights has unknown terms"),
+    ],
+)
+def test_invalid_zero_shot_values_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DepthCLIPConfig(vision_config=dict(TINY_VISION), **overrides)

@@ -15,7 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conversion import publish  # noqa: E402
 from conversion.convert_clip_to_moa_depthclip import main  # noqa: E402
-from modeling_moa_depthclip import DEPTHCLIP_PROMPTS, MoADepthCLIPForDepthEstimation  # noqa: E402
+from modeling_moa_depthclip import (  # noqa: E402
+    DEPTHCLIP_PROMPTS,
+    DepthCLIPConfig,
+    DepthCLIPForDepthEstimation,
+    MoADepthCLIPDepthEstimationPipeline,
+)
 from test_conversion import PROMPT_TEXTS, make_clip_tokenizer, tiny_clip_config  # noqa: E402
 
 BINS = [1.00, 1.50, 2.00, 2.25, 2.50, 2.75, 3.00]  # DepthCLIP's depths, metres
@@ -57,15 +62,20 @@ def depthclip_by_hand(clip, tokenizer, pixel_values):
 def test_zero_shot_depth_is_depthclips_formula(clip_and_folder):
     clip, tokenizer, folder = clip_and_folder
     model = AutoModelForDepthEstimation.from_pretrained(folder).eval()
-    assert isinstance(model, MoADepthCLIPForDepthEstimation) and model.config.head == "depthclip"
+    # its own class and config, not a switch of MoA-DepthCLIP's
+    assert type(model) is DepthCLIPForDepthEstimation and type(model.config) is DepthCLIPConfig
+    assert model.config.model_type == "depthclip_zero_shot"
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 0
-    assert model.config.depthclip_bin_depths == BINS
+    assert model.config.bin_depths == BINS
+    # the tensors a --zero_shot folder has always held, under the same keys
+    assert set(model.state_dict()) == {k for k in model.state_dict() if k.startswith("vision_model.")} | {
+        "semantic_context.prompt_embeddings", "semantic_context.image_projection.weight"}
     pixels = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(pixels)
     expected = depthclip_by_hand(clip, tokenizer, pixels)
     torch.testing.assert_close(out.predicted_depth, expected, rtol=0, atol=1e-4)
-    assert out.bin_logits.shape == (2, 7, 4, 6) and float(expected.std()) > 0.01  # not a constant map
+    assert out.prompt_logits.shape == (2, 7, 4, 6) and float(expected.std()) > 0.01  # not a constant map
     # labels give the depth terms of the loss (no bins, no routers here)
     with torch.no_grad():
         loss = model(pixels, labels=torch.full((2, 32, 48), 2.0)).loss_components
@@ -75,11 +85,13 @@ def test_zero_shot_depth_is_depthclips_formula(clip_and_folder):
 
 def test_zero_shot_folder_runs_in_the_pipeline_and_with_remote_code(clip_and_folder):
     clip, tokenizer, folder = clip_and_folder
-    estimator = pipeline("depth-estimation", model=str(folder))
+    estimator = pipeline("depth-estimation", model=str(folder), pipeline_class=MoADepthCLIPDepthEstimationPipeline)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
     result = estimator(image)
     assert result["metric_depth"].shape == (40, 60)
     assert 1.0 - 1e-4 <= result["metric_depth"].min() and result["metric_depth"].max() <= 3.0 + 1e-4
+    stock = pipeline("depth-estimation", model=str(folder))(image)  # transformers' own pipeline
+    torch.testing.assert_close(stock["predicted_depth"], result["predicted_depth"])
     seen = publish.verify_loads(folder)  # a fresh process without the package, trust_remote_code=True
     assert "transformers_modules" in seen["model_class"] and seen["input_size"] == [32, 48]
     card = (folder / "README.md").read_text()

@@ -21,6 +21,7 @@ from PIL import Image
 
 from .arguments import positive_int
 from ..image_processing_moa_depthclip import ImageLoadError, load_image_file
+from ..loading import ModelLoadError
 from ..geometry.point_cloud import DEFAULT_HFOV_DEG, depth_to_point_cloud, parse_intrinsics, resolve_intrinsics, write_ply
 from ..visualization import colorize_depth
 
@@ -40,20 +41,20 @@ def _report(message: str):
 
 
 def load_depth_pipeline(model: str, device: str | None = None, dtype: str | None = None):
-    """The MoA-DepthCLIP depth pipeline for a local folder or Hub id; exits with one line if it cannot load."""
+    """The depth pipeline (`MoADepthCLIPDepthEstimationPipeline`) on a saved model, local folder or Hub id, that this
+    function loads itself. Raises `ModelLoadError` (one line naming the folder or file and the reason)."""
     import torch
 
-    from ..loading import ModelLoadError, load_model_and_processor
+    from ..loading import load_model_and_processor
+    from ..packed_linear import pack_linear_layers
     from ..pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        loaded, image_processor = load_model_and_processor(
-            model, dtype=getattr(torch, dtype) if dtype is not None else None
-        )
-    except ModelLoadError as error:
-        _fail(str(error))
+    loaded, image_processor = load_model_and_processor(model, dtype=getattr(torch, dtype) if dtype is not None else None)
+    if torch.device(device).type == "cpu" and next(loaded.parameters()).dtype == torch.float32:
+        # the CPU fast path, on the model loaded here (nobody else holds it)
+        pack_linear_layers(loaded)
     return MoADepthCLIPDepthEstimationPipeline(model=loaded, image_processor=image_processor, device=device)
 
 
@@ -273,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModelLoadError as error:
+        _fail(str(error))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer, CL
 
 from .checkpoints import OPENAI_CLIP_TOKENIZER, ClipCheckpoint, load_clip_checkpoint, vision_state_dict
 from ..configuration_moa_depthclip import MoADepthCLIPConfig
+from ..modeling_depthclip import DepthCLIPForDepthEstimation
 from ..modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
 
 
@@ -104,13 +105,15 @@ def load_clip(
     return checkpoint
 
 
-def config_from_clip(vision_config: CLIPVisionConfig, projection_dim: int, **config_kwargs) -> MoADepthCLIPConfig:
-    """`MoADepthCLIPConfig` on a CLIP vision tower whose visual projection has `projection_dim` outputs;
-    `config_kwargs` set the other fields (unset ones keep the config's defaults)."""
+def config_from_clip(
+    vision_config: CLIPVisionConfig, projection_dim: int, config_class=MoADepthCLIPConfig, **config_kwargs
+):
+    """`config_class` (`MoADepthCLIPConfig` or `DepthCLIPConfig`) on a CLIP vision tower whose visual projection has
+    `projection_dim` outputs; `config_kwargs` set the other fields (unset ones keep the config's defaults)."""
     vision = copy.deepcopy(vision_config)
     vision.projection_dim = projection_dim
     vision.dtype = None  # the model is built in float32 whatever dtype the source was stored in
-    return MoADepthCLIPConfig(vision_config=vision, prompt_embedding_dim=projection_dim, **config_kwargs)
+    return config_class(vision_config=vision, prompt_embedding_dim=projection_dim, **config_kwargs)
 
 
 def load_tokenizer(spec: str, local_files_only: bool = False):
@@ -177,7 +180,7 @@ def compute_prompt_embeddings(
 
 @torch.no_grad()
 def init_from_clip(
-    model: MoADepthCLIPForDepthEstimation,
+    model: MoADepthCLIPForDepthEstimation | DepthCLIPForDepthEstimation,
     clip: str | os.PathLike | ClipCheckpoint,
     *,
     tokenizer: str | None = None,
@@ -240,17 +243,21 @@ def model_from_clip(
     trust_torchscript: bool = False,
     hidden_act: str | None = None,
     local_files_only: bool = False,
+    model_class=MoADepthCLIPForDepthEstimation,
     **config_kwargs,
-) -> tuple[MoADepthCLIPForDepthEstimation, ClipInitialization]:
-    """A new model on the checkpoint's vision tower (`config_from_clip(clip, **config_kwargs)`), its new modules
-    seeded with `seed`, initialised from the checkpoint by `init_from_clip`; in eval mode."""
+) -> tuple[MoADepthCLIPForDepthEstimation | DepthCLIPForDepthEstimation, ClipInitialization]:
+    """A new `model_class` (MoA-DepthCLIP, or the DepthCLIP zero-shot baseline) on the checkpoint's vision tower
+    (`config_from_clip(clip, **config_kwargs)`), its new modules seeded with `seed`, initialised from the
+    checkpoint by `init_from_clip`; in eval mode."""
     checkpoint = load_clip(
         clip, trust_torchscript=trust_torchscript, hidden_act=hidden_act, local_files_only=local_files_only
     )
     _, projection = vision_state_dict(checkpoint.state_dict)
-    config = config_from_clip(checkpoint.config.vision_config, projection.shape[0], **config_kwargs)
+    config = config_from_clip(
+        checkpoint.config.vision_config, projection.shape[0], model_class.config_class, **config_kwargs
+    )
     torch.manual_seed(seed)
-    model = MoADepthCLIPForDepthEstimation(config).eval()
+    model = model_class(config).eval()
     initialization = init_from_clip(model, checkpoint, tokenizer=tokenizer, local_files_only=local_files_only)
     initialization.source = str(clip) if not isinstance(clip, ClipCheckpoint) else initialization.source
     return model, initialization

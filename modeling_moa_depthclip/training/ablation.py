@@ -11,11 +11,13 @@ features, whatever adapters, decoder and head still fit); what is new starts fro
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 
 from ..configuration_moa_depthclip import MoADepthCLIPConfig
+from ..modeling_depthclip import DepthCLIPForDepthEstimation
 from ..modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
 
 
@@ -27,6 +29,8 @@ class AblationVariant:
     paper_row: str  # the row of the paper's comparison this variant stands for
     overrides: dict = field(default_factory=dict)
     trains: bool = True
+    # the model the variant is; another class than MoA-DepthCLIP takes the starting config's fields it knows
+    model_class: type = MoADepthCLIPForDepthEstimation
 
 
 _L1_ONLY = {"bin_ce": 0.0, "l1": 1.0, "silog": 0.0, "gradient": 0.0, "ssim": 0.0}
@@ -72,35 +76,39 @@ ABLATION_VARIANTS: dict[str, AblationVariant] = {
         AblationVariant(
             "zero_shot",
             "DepthCLIP zero-shot on the same CLIP: 7 prompts, 7 depths, no training",
-            {"head": "depthclip", "moa_layers": [], "num_unfrozen_layers": 0},
             trains=False,
+            model_class=DepthCLIPForDepthEstimation,
         ),
     ]
 }
 
 
-def variant_config(config: MoADepthCLIPConfig, name: str) -> MoADepthCLIPConfig:
-    """`config` with the overrides of the variant `name` (a `ValueError` names the variants if it is unknown)."""
+def variant_config(config: MoADepthCLIPConfig, name: str):
+    """`config` with the overrides of the variant `name`, as the config of the variant's model class (a
+    `ValueError` names the variants if it is unknown)."""
     if name not in ABLATION_VARIANTS:
         raise ValueError(f"unknown ablation variant {name!r}; known: {list(ABLATION_VARIANTS)}")
+    variant = ABLATION_VARIANTS[name]
+    config_class = variant.model_class.config_class
     settings = config.to_dict()
-    for key in ("architectures", "auto_map", "transformers_version", "model_type", "_name_or_path"):
+    for key in ("architectures", "auto_map", "transformers_version", "model_type", "_name_or_path", "custom_pipelines"):
         settings.pop(key, None)
-    settings.update(ABLATION_VARIANTS[name].overrides)
+    if config_class is not type(config):
+        fields = inspect.signature(config_class.__init__).parameters
+        settings = {key: value for key, value in settings.items() if key in fields}
+    settings.update(variant.overrides)
     try:
-        return MoADepthCLIPConfig(**settings)
+        return config_class(**settings)
     except ValueError as error:
         raise ValueError(f"ablation variant {name!r} does not apply to this model: {error}") from None
 
 
-def build_variant(
-    model: MoADepthCLIPForDepthEstimation, name: str, seed: int = 0
-) -> tuple[MoADepthCLIPForDepthEstimation, list[str]]:
+def build_variant(model: MoADepthCLIPForDepthEstimation, name: str, seed: int = 0) -> tuple[torch.nn.Module, list[str]]:
     """The variant `name` of `model`: built from `variant_config` with `torch.manual_seed(seed)`, then given every
     tensor of `model` whose name and shape it shares. Returns it (in eval mode) and the names it did not get."""
     config = variant_config(model.config, name)
     torch.manual_seed(seed)
-    variant = MoADepthCLIPForDepthEstimation(config)
+    variant = ABLATION_VARIANTS[name].model_class(config)
     own = variant.state_dict()
     shared = {k: v for k, v in model.state_dict().items() if k in own and own[k].shape == v.shape}
     variant.load_state_dict(shared, strict=False)
