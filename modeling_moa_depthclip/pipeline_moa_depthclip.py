@@ -25,9 +25,6 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
     model it is given is run as it is: the pipeline changes none of its modules or weights.
     """
 
-    # depth models have no video processor; left unset, the loader would probe for one and ask about remote code
-    _load_video_processor = False
-
     def preprocess(self, image, timeout=None):
         if isinstance(image, (str, os.PathLike)) and not str(image).startswith(("http://", "https://", "data:")):
             image = load_image_file(image)

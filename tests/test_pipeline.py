@@ -1,7 +1,9 @@
+import json
 import logging
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import numpy as np
 import pytest
@@ -10,7 +12,10 @@ from PIL import Image
 from transformers import DepthEstimationPipeline, pipeline
 
 from modeling_moa_depthclip import ImageLoadError, MoADepthCLIPDepthEstimationPipeline
-from tiny_models import save_tiny_checkpoint
+from tiny_models import save_tiny_checkpoint, tiny_model, tiny_processor
+
+# the richer pipeline is asked for by name; importing the package does not install it
+moa_pipeline = partial(pipeline, "depth-estimation", pipeline_class=MoADepthCLIPDepthEstimationPipeline)
 
 
 class _Records(logging.Handler):
@@ -26,7 +31,7 @@ def test_pipeline_turns_a_real_nyu_frame_into_metric_depth(checkpoint, nyu_sampl
     records = _Records()
     logging.getLogger("transformers").addHandler(records)
     try:
-        depth_estimator = pipeline("depth-estimation", model=str(checkpoint))
+        depth_estimator = moa_pipeline(model=str(checkpoint))
     finally:
         logging.getLogger("transformers").removeHandler(records)
     assert not records.messages, records.messages
@@ -48,7 +53,7 @@ def test_constant_depth_gives_a_black_image_not_a_division_by_zero(tmp_path):
     model.save_pretrained(tmp_path)
     image = Image.new("RGB", (40, 30), (90, 120, 30))
     with np.errstate(all="raise"):
-        result = pipeline("depth-estimation", model=str(tmp_path))(image)
+        result = moa_pipeline(model=str(tmp_path))(image)
     depth = result["metric_depth"]
     assert np.allclose(depth, depth.flat[0]) and np.isfinite(depth).all()
     assert np.asarray(result["depth"]).max() == 0
@@ -61,7 +66,7 @@ def test_constant_depth_gives_a_black_image_not_a_division_by_zero(tmp_path):
 
 
 def test_batch_of_eight_gives_the_same_depths_as_one_at_a_time(checkpoint, nyu_sample_dir):
-    depth_estimator = pipeline("depth-estimation", model=str(checkpoint))
+    depth_estimator = moa_pipeline(model=str(checkpoint))
     paths = sorted(nyu_sample_dir.glob("*_colors.png"))[:7]
     images = [Image.open(p).convert("RGB") for p in paths] + [Image.open(paths[0]).resize((320, 256))]
     one_by_one = [depth_estimator(image)["metric_depth"] for image in images]
@@ -76,7 +81,7 @@ def test_unreadable_image_path_fails_with_its_name(checkpoint, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(ImageLoadError, match="broken.png"):
-        pipeline("depth-estimation", model=str(checkpoint))(str(bad))
+        moa_pipeline(model=str(checkpoint))(str(bad))
 
 
 def test_saved_folder_carries_its_code(checkpoint):
@@ -84,8 +89,7 @@ def test_saved_folder_carries_its_code(checkpoint):
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
     assert {"configuration_moa_depthclip.py", "modeling_moa_depthclip.py", "losses.py",
             "image_processing_moa_depthclip.py", "pipeline_moa_depthclip.py", "visualization.py",
-            "packed_linear.py"} <= files
-    import json
+            "loading.py", "utils.py", "configuration_depthclip.py"} <= files
 
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["auto_map"]["AutoModelForDepthEstimation"] == "modeling_moa_depthclip.MoADepthCLIPForDepthEstimation"
@@ -114,7 +118,7 @@ def test_importing_the_package_leaves_other_depth_models_on_the_stock_pipeline(t
 
 def test_the_package_config_does_not_claim_a_remote_code_pipeline(checkpoint):
     # config.json names the pipeline for remote-code users; with the package imported, a custom task would make
-    # transformers demand trust_remote_code=True for the registered pipeline
+    # transformers demand trust_remote_code=True instead of serving the task with its stock pipeline
     from transformers import AutoConfig
 
     from modeling_moa_depthclip import MoADepthCLIPConfig
@@ -125,21 +129,70 @@ def test_the_package_config_does_not_claim_a_remote_code_pipeline(checkpoint):
     assert "custom_pipelines" in config.to_dict()
 
 
-def test_pipeline_packs_linear_weights_on_cpu_unless_asked_not_to(checkpoint):
+def test_importing_the_package_leaves_the_task_registry_as_it_was():
+    script = textwrap.dedent(
+        """
+        import copy, logging
+        from transformers.pipelines import PIPELINE_REGISTRY, SUPPORTED_TASKS
+        before = copy.deepcopy(SUPPORTED_TASKS["depth-estimation"])
+        tasks = sorted(PIPELINE_REGISTRY.get_supported_tasks())
+        levels = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+        import modeling_moa_depthclip
+        assert SUPPORTED_TASKS["depth-estimation"] == before, (SUPPORTED_TASKS["depth-estimation"], before)
+        assert sorted(PIPELINE_REGISTRY.get_supported_tasks()) == tasks
+        changed = [n for n, level in levels.items() if logging.getLogger(n).level != level]
+        assert not changed, changed
+        print("ok")
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0 and completed.stdout.strip() == "ok", completed.stderr[-3000:]
+
+
+def test_the_stock_pipeline_serves_a_saved_model_as_it_serves_depth_anything(checkpoint, nyu_sample_dir):
+    stock = pipeline("depth-estimation", model=str(checkpoint))
+    assert type(stock) is DepthEstimationPipeline
+    result = stock(Image.open(nyu_sample_dir / "00000_colors.png"))
+    assert sorted(result) == ["depth", "predicted_depth"]
+    assert result["depth"].mode == "L" and result["depth"].size == (640, 480)
+    ours = moa_pipeline(model=str(checkpoint))(str(nyu_sample_dir / "00000_colors.png"))
+    torch.testing.assert_close(result["predicted_depth"], ours["predicted_depth"])
+
+
+def test_a_model_given_to_the_pipeline_is_run_as_it_is_never_changed():
+    model = tiny_model()
+    types = [type(m) for m in model.modules()]
+    keys = list(model.state_dict())
+    count = sum(p.numel() for p in model.parameters())
+    image = Image.new("RGB", (96, 64), (40, 90, 200))
+    for build in (moa_pipeline, partial(pipeline, "depth-estimation")):
+        estimator = build(model=model, image_processor=tiny_processor(), device="cpu")
+        assert estimator.model is model
+        before = estimator(image)["predicted_depth"]
+        assert [type(m) for m in model.modules()] == types and list(model.state_dict()) == keys
+        assert sum(p.numel() for p in model.parameters()) == count
+        # an in-place edit of a weight (as peft's merge does) reaches the next prediction
+        with torch.no_grad():
+            model.head.regressor.weight.data.mul_(3.0)
+            model.head.fusion_gate.bias.data.add_(2.0)
+        after = estimator(image)["predicted_depth"]
+        assert (after - before).abs().max() > 1e-3
+
+
+def test_the_cli_loader_packs_only_the_model_it_loaded_itself(checkpoint):
     from modeling_moa_depthclip import PackedLinear
+    from modeling_moa_depthclip.cli.predict import load_depth_pipeline
     from modeling_moa_depthclip.packed_linear import onednn_linear_available
 
-    default = pipeline("depth-estimation", model=str(checkpoint))
-    plain = pipeline("depth-estimation", model=str(checkpoint), pack_linear_weights=False)
-    bf16 = pipeline("depth-estimation", model=str(checkpoint), dtype=torch.bfloat16)
-    packed_layers = sum(isinstance(m, PackedLinear) for m in default.model.modules())
-    assert packed_layers == (len([m for m in plain.model.modules() if isinstance(m, torch.nn.Linear)])
-                             if onednn_linear_available() else 0)
+    packed = load_depth_pipeline(str(checkpoint), "cpu")
+    plain = moa_pipeline(model=str(checkpoint), device="cpu")
+    packed_layers = sum(isinstance(m, PackedLinear) for m in packed.model.modules())
+    linears = sum(isinstance(m, torch.nn.Linear) for m in plain.model.modules())
+    assert packed_layers == (linears if onednn_linear_available() else 0)
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
-    assert not any(isinstance(m, PackedLinear) for m in bf16.model.modules())
     image = Image.new("RGB", (96, 64), (40, 90, 200))
-    np.testing.assert_allclose(default(image)["metric_depth"], plain(image)["metric_depth"], rtol=1e-5, atol=1e-5)
-    assert default.model.state_dict().keys() == plain.model.state_dict().keys()
+    np.testing.assert_allclose(packed(image)["metric_depth"], plain(image)["metric_depth"], rtol=1e-5, atol=1e-5)
+    assert packed.model.state_dict().keys() == plain.model.state_dict().keys()
 
 
 def test_trust_remote_code_in_a_fresh_process_without_the_package(checkpoint, nyu_sample_dir, tmp_path):
