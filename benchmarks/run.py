@@ -55,7 +55,7 @@ THROUGHPUT_BATCH = 8
 
 OURS_DEFAULT = "MoA-DepthCLIP default"
 OURS_PAPER = "MoA-DepthCLIP paper"
-# the default model in `pipeline(..., pack_linear_weights=False)`: MKL's sgemm instead of `PackedLinear`
+# the default model without `pack_linear_layers`: MKL's sgemm instead of `PackedLinear`
 OURS_UNPACKED = "MoA-DepthCLIP default, unpacked weights"
 DEPTH_ANYTHING = "Depth Anything V2 Small"
 DPT_HYBRID = "DPT-Hybrid"
@@ -131,13 +131,20 @@ def save_models(folder: Path) -> dict:
 
 
 def load_pipeline(folder, dtype="float32", unpacked=False):
-    import modeling_moa_depthclip  # noqa: F401  (registers the model and the depth-estimation pipeline)
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
 
+    from modeling_moa_depthclip import MoADepthCLIPDepthEstimationPipeline, pack_linear_layers
+    from modeling_moa_depthclip.loading import MODEL_TYPES
+
     hf_logging.disable_progress_bar()
-    options = {"pack_linear_weights": False} if unpacked else {}
-    return pipeline("depth-estimation", model=str(folder), device="cpu", dtype=dtype, **options)
+    pipe = pipeline("depth-estimation", model=str(folder), device="cpu", dtype=dtype)
+    if pipe.model.config.model_type not in MODEL_TYPES:
+        return pipe
+    # ours: the package's pipeline, and the CPU fast path on the model loaded here, as the CLI runs it
+    if not unpacked and dtype == "float32":
+        pack_linear_layers(pipe.model)
+    return MoADepthCLIPDepthEstimationPipeline(model=pipe.model, image_processor=pipe.image_processor, device="cpu")
 
 
 def load_frames(count: int):
@@ -456,7 +463,7 @@ def frozen_prefix_report(model):
     for hook in hooks:
         hook.remove()
     return {
-        "prefix_length": model._frozen_prefix_length(),
+        "prefix_length": model.encoder.frozen_prefix_length(),
         "embeddings_without_graph": not grad_enabled["embeddings"],
         "no_graph_blocks": [i for i, enabled in grad_enabled.items() if i != "embeddings" and not enabled],
         "first_trainable_block": next(
@@ -685,7 +692,7 @@ def render(results, quick) -> str:
         "fusion 256), `DPTImageProcessorPil` 384x384. transformers' torchvision image processors are not used "
         "(no torchvision here).",
         "",
-        f"{OURS_UNPACKED} is the default's saved model in `pipeline(..., pack_linear_weights=False)`: its "
+        f"{OURS_UNPACKED} is the default's saved model without `pack_linear_layers`: its "
         "linear layers run `F.linear` (MKL's sgemm for fp32 on CPU) instead of `PackedLinear` (oneDNN on weights "
         "packed once, which the pipeline installs on CPU in fp32), the only difference between the two rows.",
         "",
@@ -775,7 +782,7 @@ def render(results, quick) -> str:
         "Each setting runs in its own process. Peak RSS is the kernel's high-water mark (`VmHWM`) reset just before "
         "the first step and read after the last, so it covers gradients, AdamW state and activations; the rise is "
         "over the resident set with the model built, before the first step. "
-        f"Frozen prefix in the default configuration: `_frozen_prefix_length()` = {prefix['prefix_length']}; "
+        f"Frozen prefix in the default configuration: `encoder.frozen_prefix_length()` = {prefix['prefix_length']}; "
         f"the first trainable encoder block is {prefix['first_trainable_block']}, but the first MoA (trainable) "
         f"follows block {prefix['first_moa_block']}, so blocks {prefix['first_moa_block'] + 1}-"
         f"{prefix['first_trainable_block'] - 1 if prefix['first_trainable_block'] else '?'} are frozen yet must "
@@ -858,7 +865,7 @@ def evaluate_floors(results):
         {
             "floor": "frozen blocks before the first trainable parameter run without an autograd graph",
             "measured": f"no graph in the embeddings and blocks {prefix['no_graph_blocks']} "
-            f"(`_frozen_prefix_length()` = {prefix['prefix_length']}; first trainable module: MoA after block "
+            f"(`encoder.frozen_prefix_length()` = {prefix['prefix_length']}; first trainable module: MoA after block "
             f"{prefix['first_moa_block']})",
             "holds": prefix["prefix_length"] > 0
             and prefix["embeddings_without_graph"]

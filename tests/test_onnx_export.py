@@ -121,7 +121,7 @@ def test_torch_free_path_gives_pipeline_depth(exported, checkpoint, nyu_sample_d
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
     depth = np.load(result)
 
-    expected = pipeline("depth-estimation", model=str(checkpoint), device="cpu")(str(image))["metric_depth"]
+    expected = pipeline("depth-estimation", model=str(checkpoint), device="cpu")(str(image))["predicted_depth"].numpy()
     assert depth.shape == expected.shape == (480, 640)
     assert np.abs(depth - expected).max() <= TOLERANCE_M
 

@@ -136,7 +136,7 @@ def test_training_and_autograd_take_nn_linear_path_with_identical_gradients():
     # takes the packed path
     packed.eval()
     packed(pixel_values=x).predicted_depth.sum().backward()
-    prefix = packed._frozen_prefix_length()
+    prefix = packed.encoder.frozen_prefix_length()
     assert prefix > 0
     in_prefix = {m for layer in packed.vision_model.encoder.layers[:prefix] for m in linear_modules(layer)}
     assert {m for m in linear_modules(packed) if m in PackedLinear._packed} == in_prefix
