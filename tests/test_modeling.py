@@ -283,3 +283,65 @@ def test_frozen_blocks_after_the_first_adapter_are_recomputed_with_identical_gra
     assert grads[True].keys() == grads[False].keys()
     for name, grad in grads[False].items():
         assert torch.allclose(grads[True][name], grad, atol=1e-6), name
+
+
+# every tensor of a tiny model outside the CLIP tower, in the layout checkpoints have always been saved with
+SAVED_LAYOUT = [
+    "semantic_context.logit_scale", "semantic_context.prompt_embeddings", "semantic_context.image_projection.weight",
+    "semantic_context.fuse.0.weight", "semantic_context.fuse.0.bias",
+    *[f"moa.{i}.{name}" for i in (1, 3) for name in (
+        "router.token_proj.weight", "router.token_proj.bias", "router.context_proj.weight", "router.gate.weight",
+        "router.gate.bias", "experts.up_bias", "experts.down_proj.weight", "experts.down_proj.bias",
+        "experts.up_proj.weight")],
+    *[f"decoder.reassemble.{part}.{i}.{p}" for part in ("norms", "projections") for i in (0, 1) for p in ("weight", "bias")],
+    *[f"decoder.detail_stem.conv{i}.{p}" for i in (1, 2) for p in ("weight", "bias")],
+    *[f"decoder.fusion.transitions.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")],
+    *[f"decoder.fusion.refine.{i}.conv{j}.{p}" for i in (0, 1, 2) for j in (1, 2) for p in ("weight", "bias")],
+    *[f"head.{branch}.{p}" for branch in ("bin_classifier", "regressor", "fusion_gate") for p in ("weight", "bias")],
+]  # fmt: skip
+
+
+def test_the_encoder_and_heads_keep_the_saved_key_layout():
+    model = tiny_model()
+    assert [k for k in model.state_dict() if not k.startswith("vision_model.")] == SAVED_LAYOUT
+    # the encoder runs the model's CLIP tower and MoA modules without registering them a second time
+    assert not any(k.startswith("encoder.") for k in model.state_dict())
+    assert model.encoder.vision_model is model.vision_model and model.encoder.moa is model.moa
+    assert list(model.encoder.parameters()) == []
+
+
+def test_the_encoder_hands_the_decoder_the_adapted_tokens_of_the_moa_blocks():
+    model = tiny_model()
+    with torch.no_grad():
+        encoded = model.encoder(torch.randn(2, 3, 64, 96), output_hidden_states=True)
+    assert encoded.patch_grid == (4, 6) and len(encoded.patch_tokens) == len(model.config.moa_layers) == 2
+    assert all(tokens.shape == (2, 24, 64) for tokens in encoded.patch_tokens)
+    assert torch.equal(encoded.patch_tokens[-1], encoded.last_hidden_state[:, 1:])  # MoA after the last block
+    assert len(encoded.router_gates) == 2 and encoded.router_gates[0].shape == (2, 25, 4)
+    assert encoded.prompt_probs.shape == (2, 7) and len(encoded.hidden_states) == 5
+
+
+def test_heads_return_named_outputs_with_the_bin_distribution():
+    model = tiny_model()
+    features = torch.randn(2, model.decoder.out_channels, 5, 7)
+    with torch.no_grad():
+        out = model.head(features)
+        bins = model.head.bin_classifier(features)
+    assert torch.equal(out.classification.depth, bins.depth)
+    assert bins.bin_probabilities.shape == (2, 16, 5, 7) and bins.bin_centers.shape == (16,)
+    torch.testing.assert_close(bins.bin_probabilities.sum(dim=1), torch.ones(2, 5, 7))
+    torch.testing.assert_close(bins.depth, torch.einsum("bkhw,k->bhw", bins.bin_probabilities, bins.bin_centers))
+    # what a per-pixel spread of the bin distribution needs, in metres
+    spread = (bins.bin_probabilities * (bins.bin_centers[:, None, None] - bins.depth[:, None]) ** 2).sum(1).sqrt()
+    assert spread.shape == (2, 5, 7) and bool((spread >= 0).all())
+    weight = out.fusion_weight
+    torch.testing.assert_close(out.depth, weight * out.classification.depth + (1 - weight) * out.regression_depth)
+    for head, present in (("classification", "classification"), ("regression", "regression_depth")):
+        ablated = tiny_model(head=head)
+        with torch.no_grad():
+            single = ablated.head(features)
+        assert single.fusion_weight is None and ablated.head.fusion_gate is None
+        assert (single.classification is None) == (head == "regression")
+        assert (single.regression_depth is None) == (head == "classification")
+        branch = single.classification.depth if head == "classification" else single.regression_depth
+        assert torch.equal(single.depth, branch) and getattr(single, present) is not None

@@ -225,3 +225,19 @@ def test_trust_remote_code_in_a_fresh_process_without_the_package(checkpoint, ny
     local = pipeline("depth-estimation", model=str(checkpoint))(str(nyu_sample_dir / "00000_colors.png"))
     assert remote.shape == (480, 640)
     assert torch.allclose(remote, local["predicted_depth"], atol=1e-5)
+
+
+def test_the_readme_snippet_runs_as_written(checkpoint, nyu_sample_dir, tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Use it"):]
+    snippet = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+    assert 'model="outputs/train/best"' in snippet and "pipeline_class=MoADepthCLIPDepthEstimationPipeline" in snippet
+    snippet = snippet.replace('"outputs/train/best"', repr(str(checkpoint)))
+    snippet = snippet.replace('"../shared/data/nyu_eigen_test_sample/00000_colors.png"',
+                              repr(str(nyu_sample_dir / "00000_colors.png")))
+    check = "\nassert result['metric_depth'].shape == (480, 640) and result['colored_depth'].mode == 'RGB'\nprint('ok')\n"
+    completed = subprocess.run([sys.executable, "-c", snippet + check], capture_output=True, text=True,
+                               cwd=tmp_path, timeout=300)
+    assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stderr[-3000:]
