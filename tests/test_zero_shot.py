@@ -104,3 +104,18 @@ def test_zero_shot_refuses_options_it_has_no_use_for(clip_and_folder, tmp_path, 
     code = main(["--clip_model", str(clip_folder), "--output_dir", str(tmp_path / "x"), "--zero_shot",
                  "--num_experts", "2"])  # fmt: skip
     assert code == 2 and "drop --num_experts" in capsys.readouterr().err
+
+
+def test_zero_shot_folder_runs_in_the_cli_and_exports_to_onnx(clip_and_folder, nyu_sample_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from conversion.export_onnx import main as export_main
+    from modeling_moa_depthclip.cli.predict import main as cli_main
+
+    _, _, folder = clip_and_folder
+    image = nyu_sample_dir / "00000_colors.png"
+    assert cli_main(["predict", str(image), "--model", str(folder), "--output-dir", str(tmp_path / "depth")]) == 0
+    depth = np.load(tmp_path / "depth" / "00000_colors_depth.npy")
+    assert depth.shape == (480, 640) and 1.0 - 1e-4 <= depth.min() and depth.max() <= 3.0 + 1e-4
+    assert export_main(["--model", str(folder), "--output", str(tmp_path / "zero_shot.onnx"), "--images", str(image),
+                        "--num-images", "1"]) == 0  # fmt: skip
+    assert (tmp_path / "zero_shot.onnx").stat().st_size > 0
