@@ -167,3 +167,18 @@ def test_console_script_is_installed_and_answers():
     assert script, "the moa-depthclip console script is not installed"
     completed = subprocess.run([script, "predict", "--help"], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0 and "--output-dir" in completed.stdout
+
+
+def test_the_pipeline_loader_raises_model_load_error_and_main_prints_one_line(tmp_path, capsys):
+    from modeling_moa_depthclip.cli.predict import load_depth_pipeline, main
+    from modeling_moa_depthclip.loading import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="does not exist"):  # a library function: no SystemExit
+        load_depth_pipeline(str(tmp_path / "missing"), "cpu")
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(image), "--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing does not exist" in err
