@@ -564,8 +564,9 @@ class CLIPDepthPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True) and self._auto_class is not None:
-            # the richer depth-estimation pipeline travels with the code: config.json names it (`custom_pipelines`)
+        if kwargs.get("is_main_process", True) and getattr(self.config, "auto_map", None):
+            # the folder carries the model's code (`auto_map`): the richer depth-estimation pipeline travels with it,
+            # config.json names it (`custom_pipelines`)
             custom_object_save(MoADepthCLIPDepthEstimationPipeline, save_directory)
 
     @property
