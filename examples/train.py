@@ -79,7 +79,6 @@ from modeling_moa_depthclip.training.run_folder import (  # noqa: E402
     earlier_outputs,
     first_example_with_valid_depth,
     gradient_norm,
-    kill_point,
     lock_holder,
     resolve_resume_checkpoint,
     save_checkpoint,
@@ -711,7 +710,6 @@ def train_loop(args, accelerator, model, optimizer, lr_scheduler, train_dataload
                     f"training diverged at step {global_step}: the update made {len(bad)} parameter(s) non-finite "
                     f"(first: {names[id(bad[0])]}); nothing of step {global_step} was saved (lower --learning_rate)"
                 )
-            kill_point("step", global_step)
             signum = interrupt.agreed(accelerator)
             stats = torch.cat([
                 torch.stack(window["loss"]).mean().reshape(1),

@@ -1,8 +1,9 @@
 """examples/train.py under faults: kills, signals, a second run, divergence, data without depth, broken models.
 
 The fault-injection test kills real training processes (tiny configuration, synthetic 48x64 scenes) at chosen
-points through the `MOA_DEPTHCLIP_KILL_AT` hook of modeling_moa_depthclip.training.run_folder, resumes each time with
-`--resume_from_checkpoint latest`, and requires the result to equal an uninterrupted run bit for bit.
+points, reached through tests/fault_injection.py (a wrapper that patches the run folder's functions; the library has
+no hook), resumes each time with `--resume_from_checkpoint latest`, and requires the result to equal an
+uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_moa_depthclip.training.run_folder import KILL_ENV, LOCK_FILE, list_checkpoints
+from modeling_moa_depthclip.training.run_folder import LOCK_FILE, list_checkpoints
+
+from fault_injection import fault_patches
 
 from test_train_evaluate import ACCELERATE, EXAMPLES, _error_of, _subprocess_env, one_thread, run_train, train_script  # noqa: F401
 
@@ -31,11 +34,9 @@ COMMON = (
 
 
 def _train_process(output_dir: Path, *extra, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = _subprocess_env()
-    if kill_at is not None:
-        env[KILL_ENV] = kill_at
-    command = [sys.executable, str(EXAMPLES / "train.py"), *map(str, COMMON), "--output_dir", str(output_dir), *extra]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    script = [str(Path(__file__).with_name("fault_injection.py")), kill_at] if kill_at else [str(EXAMPLES / "train.py")]
+    command = [sys.executable, *script, *map(str, COMMON), "--output_dir", str(output_dir), *extra]
+    return subprocess.run(command, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
 def _entries(folder: Path) -> list[str]:
@@ -176,7 +177,8 @@ def test_two_processes_refused_together_without_hanging(tmp_path):
 
 
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_exit_code_130(run_train, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(KILL_ENV, "step:2:SIGINT")
+    for owner, name, replacement in fault_patches("step:2:SIGINT"):
+        monkeypatch.setattr(owner, name, replacement)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN where the runner was started in the background
     with pytest.raises(SystemExit) as exit_info:
         run_train(*COMMON, "--output_dir", tmp_path / "run")

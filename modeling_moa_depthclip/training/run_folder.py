@@ -38,8 +38,6 @@ COMPLETE_MARKER = "checkpoint_complete.json"
 LOCK_FILE = ".train.lock"
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
-# Test hook: "POINT:STEP" SIGKILLs this process at POINT of step STEP (see `kill_point`).
-KILL_ENV = "MOA_DEPTHCLIP_KILL_AT"
 
 
 class CheckpointError(ValueError):
@@ -52,21 +50,6 @@ class OutputDirInUseError(RuntimeError):
 
 class NonFiniteTrainingError(RuntimeError):
     """Training diverged: a non-finite loss, gradient or weight (the message names the step)."""
-
-
-def kill_point(point: str, step: int):
-    """Signal this process here when `MOA_DEPTHCLIP_KILL_AT` is `POINT:STEP[:SIGNAL]` (fault-injection tests only).
-
-    SIGNAL defaults to SIGKILL. Points: `step` (after the optimizer step), `checkpoint` (files written, not yet
-    complete), `prune` (new checkpoint complete, old ones not yet removed), `best` / `final` (new model folder
-    written, not yet swapped in).
-    """
-    target = os.environ.get(KILL_ENV)
-    if not target:
-        return
-    where, _, signame = target.partition(":")[2].partition(":")
-    if target.split(":", 1)[0] == point and where == str(step):
-        os.kill(os.getpid(), getattr(signal, signame or "SIGKILL"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,13 +275,11 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, progress: Training
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         progress.save(tmp)
-        kill_point("checkpoint", step)
         _fsync_tree(tmp)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         _write_text(tmp / COMPLETE_MARKER, json.dumps({"step": step, "files": files}, indent=1) + "\n")
         _fsync_dir(tmp)
         _swap_in(tmp, final)
-        kill_point("prune", step)
         if total_limit > 0:
             prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
@@ -359,7 +340,6 @@ def save_model_folder(accelerator, model, image_processor, folder: Path, extra: 
         if extra is not None:
             (tmp / "training_info.json").write_text(json.dumps(extra, indent=2) + "\n")
         _fsync_tree(tmp)
-        kill_point(folder.name, int(extra["step"]) if extra and "step" in extra else -1)
         _swap_in(tmp, folder)
     accelerator.wait_for_everyone()
 
