@@ -196,7 +196,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_rows(rows: list[dict], path: Path, title: str) -> Path:
-    import matplotlib
+    import matplotlib  # optional dependency: only pictures need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,20 +12,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NYU_SAMPLE_ENV = "MOA_DEPTHCLIP_NYU_SAMPLE"
-
-
-def _nyu_sample_path() -> Path:
-    env = os.environ.get(NYU_SAMPLE_ENV)
-    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data" / "nyu_eigen_test_sample"
+# the tests' one choice of where the shared NYU frames are (the package takes a folder or $MOA_DEPTHCLIP_NYU_SAMPLE)
+NYU_SAMPLE_DEFAULT = REPO_ROOT.parent / "shared" / "data" / "nyu_eigen_test_sample"
 
 
 @pytest.fixture(scope="session")
 def nyu_sample_dir() -> Path:
     """Folder with the 25 real NYU Depth V2 test frames (DenseDepth layout); skips if absent."""
-    path = _nyu_sample_path()
-    if not (path / "index.csv").is_file():
-        pytest.skip(f"NYU sample frames not found at {path} (set {NYU_SAMPLE_ENV} to the folder with index.csv)")
+    from modeling_moa_depthclip.evaluation import NYU_SAMPLE_ENV, nyu_sample_dir
+
+    path = nyu_sample_dir(NYU_SAMPLE_DEFAULT)
+    if path is None:
+        pytest.skip(f"NYU sample frames not found at {os.environ.get(NYU_SAMPLE_ENV) or NYU_SAMPLE_DEFAULT} "
+                    f"(set {NYU_SAMPLE_ENV} to the folder with index.csv)")
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -167,6 +168,37 @@ def test_evaluate_script_fails_in_one_line_before_evaluating(checkpoint, nyu_sam
         assert last.startswith("evaluate.py: error:") and expected in last, completed.stderr[-2000:]
         assert "Traceback" not in completed.stderr and "evaluate " not in completed.stderr  # no progress bar
     assert a_file.read_text() == "the user's file"
+
+
+def _evaluate_script():
+    """examples/evaluate.py as a module, so that its main() runs in this process."""
+    name = "moa_depthclip_examples_evaluate"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / "evaluate.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def test_evaluate_script_creates_nothing_before_every_argument_is_valid(checkpoint, tmp_path, capsys):
+    """Bad values end with one line naming the flag, and no output folder is left behind."""
+    script = _evaluate_script()
+    out = tmp_path / "out" / "eval"
+    patch = json.loads((checkpoint / "config.json").read_text())["vision_config"]["patch_size"]
+    for argv, expected in (
+        (["--input_size", patch + 1, patch * 2], f"--input_size: {patch + 1} {patch * 2}: both sides must be multiples"),
+        (["--input_size", patch], "--input_size: expected 2 values (HEIGHT WIDTH), got 1"),
+        (["--batch_size", 0], "--batch_size: expected a positive integer, got 0"),
+        (["--min_depth", 5, "--max_depth", 2], "--min_depth/--max_depth: need 0 < min_depth < max_depth"),
+        (["--dataset", tmp_path / "no_such_folder"], "--dataset: dataset folder or file not found"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main([str(a) for a in ["--model", checkpoint, "--dataset", "synthetic", "--num_samples", 1,
+                                          "--output_dir", out, *argv]])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("evaluate.py: error: ") and expected in err[-1], err
+        assert not (tmp_path / "out").exists()
 
 
 def _frames(nyu_sample_dataset, count):

@@ -121,7 +121,7 @@ def test_one_run_per_output_folder_and_nothing_of_an_earlier_run_is_replaced_una
     try:
         assert holder.stdout.readline().strip() == "locked"
         message = _error_of(train_script.main, [*args, "--resume_from_checkpoint", "latest"], capsys)
-        assert f"--output_dir {out} is in use by another training run (pid {holder.pid}" in message
+        assert f"--output_dir: {out} is in use by another training run (pid {holder.pid}" in message
     finally:
         holder.kill()
         holder.wait()
@@ -140,7 +140,7 @@ def test_one_run_per_output_folder_and_nothing_of_an_earlier_run_is_replaced_una
     (out / "checkpoints" / "step_3" / "training_progress.json").write_text("{}")
     message = _error_of(train_script.main, [*args, "--resume_from_checkpoint", out / "checkpoints" / "step_3"], capsys)
     assert message.endswith(
-        f"--resume_from_checkpoint {out / 'checkpoints' / 'step_3'} is an incomplete checkpoint: not marked complete "
+        f"--resume_from_checkpoint: {out / 'checkpoints' / 'step_3'} is an incomplete checkpoint: not marked complete "
         f"(no checkpoint_complete.json): its writing was interrupted, or it predates them; the newest complete one "
         f"is {out / 'checkpoints' / 'step_2'}"
     ), message
@@ -227,7 +227,7 @@ def test_a_training_set_without_valid_depth_fails_before_the_first_step(tmp_path
     (data / "index.csv").write_text("\n".join(rows) + "\n")
     message = _error_of(train_script.main, ["--config_name", "tiny", "--dataset", data, "--eval_split", "none",
                                             "--test_datasets", "none", "--output_dir", tmp_path / "out"], capsys)
-    assert f"--dataset {data}: none of the 3 training examples has a valid depth pixel" in message
+    assert f"--dataset: {data}: none of the 3 training examples has a valid depth pixel" in message
     assert "(0.001, 10] m" in message
     assert not (tmp_path / "out" / "final").exists()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from typing import Callable, NoReturn, Sequence, TypeVar
 
@@ -111,8 +112,8 @@ def exit_with_error(prog: str, message) -> NoReturn:
 
 class _SettingsParser(HfArgumentParser):
     def error(self, message: str) -> NoReturn:
-        # argparse's own errors ("argument --x: invalid int value") in the same one-line wording as the rules'
-        exit_with_error(self.prog, message.removeprefix("argument "))
+        # argparse's own errors ("argument --x_y/--x-y: invalid int value") in the rules' one-line wording
+        exit_with_error(self.prog, re.sub(r"^argument (--[\w-]+)(/--[\w-]+)*: ", r"\1: ", message))
 
 
 def parse_settings(settings_class: type[Settings], argv: Sequence[str] | None, prog: str, description: str) -> Settings:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class TrainingProgress:
         self.loss_history: list[list[float]] = []  # [step, loss]
         self.eval_history: list[dict] = []  # {"step", metrics...}
         self.skipped_steps: list[int] = []  # non-finite steps skipped with --on_nonfinite skip
+        self.launch: dict | None = None  # processes, per-device batch, accumulation it was saved with
 
     def state_dict(self) -> dict:
         return {
@@ -80,6 +82,7 @@ class TrainingProgress:
             "loss_history": self.loss_history,
             "eval_history": self.eval_history,
             "skipped_steps": self.skipped_steps,
+            "launch": self.launch,
         }
 
     def load_state_dict(self, state: dict):
@@ -89,6 +92,7 @@ class TrainingProgress:
         self.loss_history = [list(x) for x in state.get("loss_history", [])]
         self.eval_history = [dict(x) for x in state.get("eval_history", [])]
         self.skipped_steps = [int(x) for x in state.get("skipped_steps", [])]
+        self.launch = state.get("launch")
 
     def save(self, folder: Path):
         _write_text(Path(folder) / PROGRESS_FILE, json.dumps(self.state_dict()) + "\n")
@@ -430,7 +434,7 @@ class RunLock:
         return f"pid {holder.get('pid')} on {holder.get('host')}, since {since}"
 
     def acquire(self):
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -525,7 +529,7 @@ def lock_holder(output_dir: Path) -> dict | None:
     if not lock.path.is_file():
         return None
     try:
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken
     except ImportError:  # pragma: no cover - not POSIX
         return None
     try:
@@ -572,8 +576,6 @@ def acquire_run_lock(accelerator, output_dir: Path) -> RunLock | None:
         except OutputDirInUseError as error:
             message = str(error)
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         message = broadcast_object_list([message])[0]
     if message is not None:
         raise OutputDirInUseError(message)
