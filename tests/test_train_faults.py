@@ -243,3 +243,52 @@ def test_a_broken_model_folder_fails_in_one_line_naming_the_file(tmp_path, capsy
     weights.unlink()
     message = _error_of(train_script.main, ["--model", tmp_path / "model", "--output_dir", tmp_path / "out"], capsys)
     assert "--model" in message and "model.safetensors" in message and str(tmp_path / "model") in message
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch and resume say what they do
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_launchers_process_count_is_read_from_its_command_line():
+    from modeling_moa_depthclip.training.launch import launch_shortfall, requested_num_processes
+
+    launcher = ["/venv/bin/python", "/venv/bin/accelerate", "launch"]
+    assert requested_num_processes([*launcher, "--cpu", "--num_processes", "2", "train.py", "--seed", "1"]) == 2
+    assert requested_num_processes([*launcher, "--num-processes=3", "--multi_gpu", "train.py"]) == 3
+    assert requested_num_processes(["/venv/bin/python", "train.py", "--num_processes", "2"]) is None
+    assert launch_shortfall(2, 2) is None and launch_shortfall(1, None) is None
+    message = launch_shortfall(1, 2)
+    assert "\n" not in message and "asked for 2 processes but started 1" in message
+
+
+def test_a_launch_that_starts_fewer_processes_than_asked_says_so(tmp_path):
+    """accelerate's CPU launcher starts one process for `--num_processes 2`: the run says so in one line."""
+    out = tmp_path / "run"
+    short = [*COMMON[:COMMON.index("--max_train_steps")], "--max_train_steps", 1, "--eval_split", "none",
+             "--test_datasets", "none", "--checkpointing_steps", 0, "--report_to", "none", "--output_dir", out]
+    launched = subprocess.run(
+        [str(ACCELERATE), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(EXAMPLES / "train.py"), *map(str, short)],
+        env=_subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    lines = [line for line in launched.stderr.splitlines() if "accelerate launch was asked for" in line]
+    assert len(lines) == 1 and "asked for 2 processes but started 1" in lines[0], launched.stderr[-3000:]
+    assert "x 1 process(es)" in launched.stderr
+
+
+def test_resuming_with_another_batch_size_says_the_run_is_not_exact(run_train, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*COMMON[:COMMON.index("--max_train_steps")], "--max_train_steps", 3, "--stop_after_steps", 1,
+            "--eval_split", "none", "--test_datasets", "none", "--report_to", "none", "--output_dir", out]
+    run_train(*args)
+    assert "another setup" not in capsys.readouterr().err
+    # the same setup resumes without a word
+    run_train(*args, "--stop_after_steps", 2, "--resume_from_checkpoint", "latest")
+    assert "another setup" not in capsys.readouterr().err
+    run_train(*args, "--resume_from_checkpoint", "latest", "--per_device_train_batch_size", 3)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "another setup" in line]
+    assert len(lines) == 1, lines
+    assert "per-device batch 2 -> 3" in lines[0] and "not an exact continuation" in lines[0]
+    assert "processes" not in lines[0]  # only what changed is named
