@@ -89,6 +89,7 @@ from modeling_moa_depthclip.evaluation import (  # noqa: E402
     AVERAGING,
     CROPS,
     EvaluationSettings,
+    check_output_dir,
     dataset_label,
     evaluate,
     load_dataset_or_error,
@@ -472,9 +473,10 @@ def train_dataloader_for(args: TrainArguments, train_set, image_processor, input
 
 def check_run_folder(args: TrainArguments) -> Path:
     """--output_dir may take this run: a folder (or nothing yet), not held by a live run, empty or this script's."""
-    output_dir = Path(args.output_dir).expanduser()
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ArgumentValueError("--output_dir", f"{output_dir} exists and is not a folder")
+    try:  # a file in the way, or a folder that cannot be written (nothing is created yet)
+        output_dir = check_output_dir(args.output_dir, create=False)
+    except OSError as error:
+        raise ArgumentValueError("--output_dir", str(error)) from None
     holder = lock_holder(output_dir)
     if holder is not None:  # checked first: a live run's checkpoints are not "an earlier run"
         raise ArgumentValueError(

@@ -566,6 +566,10 @@ def test_bad_inputs_fail_with_one_clear_line_before_training(tmp_path, capsys, r
         train_script.main, ["--config_name", "tiny", "--output_dir", user], capsys
     )
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    # the same output-folder rule as evaluate.py's: a file in the way is named
+    assert f"--output_dir: output folder {user / 'notes.txt'} is a file" in _error_of(
+        train_script.main, ["--config_name", "tiny", "--output_dir", user / "notes.txt"], capsys
+    )
 
 
     # and as a real command: nonzero exit, one line
