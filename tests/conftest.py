@@ -14,17 +14,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # the tests' one choice of where the shared NYU frames are (the package takes a folder or $MOA_DEPTHCLIP_NYU_SAMPLE)
 NYU_SAMPLE_DEFAULT = REPO_ROOT.parent / "shared" / "data" / "nyu_eigen_test_sample"
+NYU_SAMPLE_ENV = "MOA_DEPTHCLIP_NYU_SAMPLE"  # read by the package's evaluation.nyu_sample_dir too
+
+
+def _nyu_sample_path() -> Path:
+    """Where the tests look for the NYU frames: $MOA_DEPTHCLIP_NYU_SAMPLE, else NYU_SAMPLE_DEFAULT."""
+    return Path(os.environ.get(NYU_SAMPLE_ENV) or NYU_SAMPLE_DEFAULT).expanduser()
 
 
 @pytest.fixture(scope="session")
 def nyu_sample_dir() -> Path:
     """Folder with the 25 real NYU Depth V2 test frames (DenseDepth layout); skips if absent."""
-    from modeling_moa_depthclip.evaluation import NYU_SAMPLE_ENV, nyu_sample_dir
-
-    path = nyu_sample_dir(NYU_SAMPLE_DEFAULT)
-    if path is None:
-        pytest.skip(f"NYU sample frames not found at {os.environ.get(NYU_SAMPLE_ENV) or NYU_SAMPLE_DEFAULT} "
-                    f"(set {NYU_SAMPLE_ENV} to the folder with index.csv)")
+    path = _nyu_sample_path()
+    if not (path / "index.csv").is_file():
+        pytest.skip(f"NYU sample frames not found at {path} (set {NYU_SAMPLE_ENV} to the folder with index.csv)")
     return path
 
 

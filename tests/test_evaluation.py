@@ -245,3 +245,19 @@ def test_the_depth_range_comes_from_the_model_config(checkpoint, nyu_sample_data
 
     with pytest.raises(ValueError, match="depth range is not known"):
         evaluate(NoConfig(), tiny_processor(), frames, show_progress=False)
+
+
+def test_the_nyu_sample_folder_is_the_callers_choice_or_the_environment_variables(tmp_path, monkeypatch):
+    """The package does not know where the repository's neighbours are: it takes a folder or the variable."""
+    from modeling_moa_depthclip.evaluation import NYU_SAMPLE_ENV, nyu_sample_dir
+
+    monkeypatch.delenv(NYU_SAMPLE_ENV, raising=False)
+    frames, other, empty = tmp_path / "frames", tmp_path / "other", tmp_path / "empty"
+    for folder in (frames, other, empty):
+        folder.mkdir()
+    (frames / "index.csv").write_text("a_colors.png,a_depth.png\n")
+    (other / "index.csv").write_text("a_colors.png,a_depth.png\n")
+    assert nyu_sample_dir() is None and nyu_sample_dir(empty) is None
+    assert nyu_sample_dir(frames) == frames
+    monkeypatch.setenv(NYU_SAMPLE_ENV, str(other))
+    assert nyu_sample_dir(frames) == other and nyu_sample_dir() == other
