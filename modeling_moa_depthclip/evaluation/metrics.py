@@ -64,7 +64,7 @@ def _as_float64_array(x: Any) -> np.ndarray:
 
 
 def _crop_mask(crop: Any, shape: tuple[int, int]) -> np.ndarray | None:
-    if crop is None or crop == "none":
+    if crop is None or (isinstance(crop, str) and crop == "none"):
         return None
     if isinstance(crop, str):
         if crop == "eigen":
