@@ -47,7 +47,8 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-DEFAULT_FRAMES = REPO_ROOT.parent / "shared" / "data" / "nyu_eigen_test_sample"
+sys.path.insert(1, str(REPO_ROOT / "examples"))
+from sample_data import NYU_SAMPLE_DIR as DEFAULT_FRAMES  # noqa: E402  the scripts' one choice of the NYU frames
 IMAGE_SIZE = (640, 480)
 TRAIN_BATCH, TRAIN_SIZE = 8, 224
 MATMUL_N = 2048

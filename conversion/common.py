@@ -14,6 +14,7 @@ from transformers import AutoModelForDepthEstimation, CLIPVisionConfig
 
 from modeling_moa_depthclip import DepthCLIPForDepthEstimation, MoADepthCLIPConfig, MoADepthCLIPForDepthEstimation
 from modeling_moa_depthclip.clip.initialization import config_from_clip
+from modeling_moa_depthclip.configuration_moa_depthclip import BIN_SPACINGS, DECODERS
 
 __all__ = [
     "ConversionError",
@@ -191,8 +192,8 @@ def add_moa_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] 
         "adapter_bottleneck": dict(type=int, help=f"default {defaults.adapter_bottleneck}"),
         "num_unfrozen_layers": dict(type=int, help=f"default {defaults.num_unfrozen_layers}"),
         "num_depth_bins": dict(type=int, help=f"default {defaults.num_depth_bins}"),
-        "bin_spacing": dict(choices=["linear", "log"], help=f"default {defaults.bin_spacing}"),
-        "decoder": dict(choices=["multiscale", "paper"], help=f"default {defaults.decoder}"),
+        "bin_spacing": dict(choices=BIN_SPACINGS, help=f"default {defaults.bin_spacing}"),
+        "decoder": dict(choices=DECODERS, help=f"default {defaults.decoder}"),
         "min_depth": dict(type=float, help=f"metres, default {defaults.min_depth}"),
         "max_depth": dict(type=float, help=f"metres, default {defaults.max_depth}"),
     }

@@ -21,7 +21,6 @@ is not run again with `--resume`; an existing output folder is never replaced wi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -29,8 +28,9 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py and evaluate.py: idle OpenMP threads sleep
 
@@ -38,86 +38,135 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation  # noqa: E402
-from modeling_moa_depthclip.cli.arguments import non_negative_int, positive_int  # noqa: E402
-from modeling_moa_depthclip.training.ablation import ABLATION_VARIANTS, build_variant, variant_config  # noqa: E402
-from modeling_moa_depthclip.configuration_moa_depthclip import config_from_name  # noqa: E402
-from modeling_moa_depthclip.evaluation import (  # noqa: E402
-    evaluate,
-    load_dataset_or_error,
-    write_evaluation_outputs,
+from modeling_moa_depthclip.cli.arguments import (  # noqa: E402
+    ArgumentValueError,
+    check_pairs,
+    check_values,
+    exit_with_error,
+    parse_settings,
 )
-from modeling_moa_depthclip.loading import ModelLoadError, default_image_processor, load_model_and_processor  # noqa: E402
+from modeling_moa_depthclip.configuration_moa_depthclip import config_from_name  # noqa: E402
+from modeling_moa_depthclip.evaluation import CROPS, evaluate, load_dataset_or_error, write_evaluation_outputs  # noqa: E402
 from modeling_moa_depthclip.evaluation.metrics import METRIC_KEYS  # noqa: E402
+from modeling_moa_depthclip.loading import ModelLoadError, default_image_processor, load_model_and_processor  # noqa: E402
+from modeling_moa_depthclip.training.ablation import ABLATION_VARIANTS, build_variant, variant_config  # noqa: E402
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
+PROG = Path(__file__).name
 RESULT_FILE = "result.json"
+DEFAULT_CONFIG = "tiny"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train and evaluate the paper's ablation variants of one starting model with the same budget.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    start = parser.add_mutually_exclusive_group()
-    start.add_argument("--model", default=None, help="starting checkpoint folder (e.g. a converted CLIP)")
-    start.add_argument(
-        "--config_name", default="tiny",
-        help="without --model: 'default', 'paper', a name in examples/configs/ ('tiny') or a config JSON path; "
-        "the starting model is built with --seed (its CLIP backbone is random)",
-    )  # fmt: skip
-    parser.add_argument("--variants", nargs="+", default=list(ABLATION_VARIANTS), choices=list(ABLATION_VARIANTS),
-                        metavar="NAME", help=f"variants to run, of {list(ABLATION_VARIANTS)}")  # fmt: skip
-    parser.add_argument("--dataset", default="synthetic", help="training data (any source train.py reads)")
-    parser.add_argument("--eval_dataset", default=None, help="evaluation data (default: --dataset)")
-    parser.add_argument("--eval_split", default="test", help="split of --eval_dataset every variant is scored on")
-    parser.add_argument("--eval_crop", default="eigen", choices=["eigen", "garg", "none"], help="evaluation crop")
-    parser.add_argument("--max_eval_samples", type=non_negative_int, default=12,
-                        help="score only the first N frames (0: all of the split)")  # fmt: skip
-    parser.add_argument("--max_train_steps", type=positive_int, default=40, help="optimiser steps of every trained variant")
-    parser.add_argument("--per_device_train_batch_size", type=positive_int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the variants' new modules and of training")
-    parser.add_argument("--synthetic_size", type=positive_int, nargs=2, default=[120, 160], metavar=("HEIGHT", "WIDTH"),
-                        help="frame size of synthetic scenes, training and evaluation")
-    parser.add_argument("--train_args", default="", metavar="'ARGS'",
-                        help="further examples/train.py flags for every variant, quoted as one string, e.g. "
-                        "\"--max_train_samples 200 --mixed_precision bf16\"")  # fmt: skip
-    parser.add_argument("--output_dir", default="outputs/ablation")
-    safety = parser.add_mutually_exclusive_group()
-    safety.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
-    safety.add_argument("--resume", action="store_true", help="keep the variants already finished in --output_dir")
-    return parser
+@dataclass
+class AblationArguments:
+    """Train and evaluate the paper's ablation variants of one starting model with the same budget."""
+
+    model: str | None = field(default=None, metadata={"help": (
+        "starting checkpoint folder (e.g. a converted CLIP); not with --config_name")})
+    config_name: str | None = field(default=None, metadata={"help": (
+        f"without --model: 'default', 'paper', a name in examples/configs/ ('{DEFAULT_CONFIG}', the default) or a "
+        "config JSON path; the starting model is built with --seed (its CLIP backbone is random)")})
+    variants: list[str] = field(default_factory=lambda: list(ABLATION_VARIANTS), metadata={
+        "choices": list(ABLATION_VARIANTS), "metavar": "NAME", "help": f"variants to run, of {list(ABLATION_VARIANTS)}"})
+    dataset: str = field(default="synthetic", metadata={"help": "training data (any source train.py reads)"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "evaluation data (default: --dataset)"})
+    eval_split: str = field(default="test", metadata={"help": "split of --eval_dataset every variant is scored on"})
+    eval_crop: Literal[CROPS] = field(default="eigen", metadata={"help": "evaluation crop"})
+    max_eval_samples: int = field(default=12, metadata={"help": "score only the first N frames (0: all of the split)"})
+    max_train_steps: int = field(default=40, metadata={"help": "optimiser steps of every trained variant"})
+    per_device_train_batch_size: int = 8
+    seed: int = field(default=0, metadata={"help": "seed of the variants' new modules and of training"})
+    synthetic_size: list[int] = field(default_factory=lambda: [120, 160], metadata={"metavar": "PIXELS", "help": (
+        "HEIGHT WIDTH: frame size of synthetic scenes, training and evaluation")})
+    train_args: str = field(default="", metadata={"metavar": "'ARGS'", "help": (
+        "further examples/train.py flags for every variant, quoted as one string, e.g. \"--max_train_samples 200 "
+        "--mixed_precision bf16\"")})
+    output_dir: str = "outputs/ablation"
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing --output_dir"})
+    resume: bool = field(default=False, metadata={"help": "keep the variants already finished in --output_dir"})
+
+    def __post_init__(self):
+        check_pairs(self, "synthetic_size")
+        check_values(self, positive_int=("max_train_steps", "per_device_train_batch_size", "synthetic_size"),
+                     non_negative_int=("max_eval_samples",))
+        if self.model is not None and self.config_name is not None:
+            raise ArgumentValueError("--config_name", "not allowed with --model")
+        if self.model is None and self.config_name is None:
+            self.config_name = DEFAULT_CONFIG
+        if self.overwrite and self.resume:
+            raise ArgumentValueError("--resume", "not allowed with --overwrite")
+        unknown = [name for name in self.variants if name not in ABLATION_VARIANTS]
+        if unknown:
+            raise ArgumentValueError("--variants", f"unknown {unknown}; expected some of {list(ABLATION_VARIANTS)}")
+        try:
+            shlex.split(self.train_args)
+        except ValueError as error:
+            raise ArgumentValueError("--train_args", str(error)) from None
 
 
-def prepare_output_dir(args, parser) -> Path:
+def prepare_output_dir(args: AblationArguments) -> Path:
+    """--output_dir, emptied with --overwrite when it holds an earlier ablation; refused when it holds anything else."""
     output_dir = Path(args.output_dir).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
-        parser.error(f"--output_dir {output_dir} exists and is not a folder")
+        raise ArgumentValueError("--output_dir", f"{output_dir} exists and is not a folder")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not args.resume:
         if not args.overwrite:
-            parser.error(f"--output_dir {output_dir} is not empty: pass --overwrite to replace it or --resume")
+            raise ArgumentValueError("--output_dir", f"{output_dir} is not empty: pass --overwrite to replace it or "
+                                     "--resume")
         if not (output_dir / "variants").is_dir() and not (output_dir / "ablation.json").is_file():
-            parser.error(f"refusing to replace {output_dir}: it does not look like an ablation output")
+            raise ArgumentValueError("--output_dir", f"refusing to replace {output_dir}: it does not look like an "
+                                     "ablation output")
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
 
 
-def starting_model(args, parser):
+def starting_model(args: AblationArguments):
     """(model, image processor, description) of --model, or of --config_name built with --seed."""
     if args.model is not None:
         try:
             model, processor = load_model_and_processor(args.model)
         except ModelLoadError as error:
-            parser.error(f"--model: {error}")
+            raise ArgumentValueError("--model", str(error)) from None
         return model, processor, f"checkpoint {args.model}"
     try:
         config = config_from_name(args.config_name, EXAMPLES_DIR / "configs")
     except ValueError as error:
-        parser.error(f"--config_name: {error}")
+        raise ArgumentValueError("--config_name", str(error)) from None
     torch.manual_seed(args.seed)
     model = MoADepthCLIPForDepthEstimation(config)
     return model, default_image_processor(config), f"config {args.config_name} (random CLIP backbone, seed {args.seed})"
+
+
+def evaluation_frames(args: AblationArguments, start):
+    """The frames every variant is scored on, in the starting model's depth range."""
+    try:
+        return load_dataset_or_error(
+            args.eval_dataset or args.dataset, args.eval_split, min_depth=start.config.min_depth,
+            max_depth=start.config.max_depth, num_samples=args.max_eval_samples or None,
+            synthetic_size=tuple(args.synthetic_size), seed=args.seed,
+        )  # fmt: skip
+    except ValueError as error:
+        raise ArgumentValueError("--eval_dataset", str(error)) from None
+
+
+def distinct_variants(args: AblationArguments, start) -> tuple[list[str], dict[str, str]]:
+    """The variants to run, and those left out because their configuration is another's (e.g. multiscale_decoder
+    of a multi-scale model would only repeat that run)."""
+    variants, same_as, seen = [], {}, {}
+    for name in dict.fromkeys(args.variants):
+        try:
+            key = json.dumps(variant_config(start.config, name).to_diff_dict(), sort_keys=True)
+        except ValueError as error:
+            raise ArgumentValueError("--variants", f"{name}: {error}") from None
+        if key in seen:
+            same_as[name] = seen[key]
+            print(f"{name}: the same configuration as {seen[key]}, not run again")
+            continue
+        seen[key] = name
+        variants.append(name)
+    return variants, same_as
 
 
 def run_logged(command: list[str], log_path: Path, what: str) -> float:
@@ -191,7 +240,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_rows(rows: list[dict], path: Path, title: str) -> Path:
-    import matplotlib
+    import matplotlib  # optional dependency: only pictures need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -210,36 +259,8 @@ def plot_rows(rows: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.max_train_steps < 1:
-        parser.error(f"--max_train_steps must be >= 1, got {args.max_train_steps}")
-    output_dir = prepare_output_dir(args, parser)
-    start, processor, description = starting_model(args, parser)
-    try:  # every variant is scored on these frames, in the starting model's depth range
-        eval_data = load_dataset_or_error(
-            args.eval_dataset or args.dataset, args.eval_split, min_depth=start.config.min_depth,
-            max_depth=start.config.max_depth, num_samples=args.max_eval_samples or None,
-            synthetic_size=tuple(args.synthetic_size), seed=args.seed,
-        )  # fmt: skip
-    except ValueError as error:
-        parser.error(f"--eval_dataset: {error}")
-    # a variant whose configuration is the starting model's own under another name (e.g. multiscale_decoder of a
-    # multi-scale model) would only repeat that run
-    variants, same_as, seen = [], {}, {}
-    for name in dict.fromkeys(args.variants):
-        try:
-            key = json.dumps(variant_config(start.config, name).to_diff_dict(), sort_keys=True)
-        except ValueError as error:
-            parser.error(str(error))
-        if key in seen:
-            same_as[name] = seen[key]
-            print(f"{name}: the same configuration as {seen[key]}, not run again")
-            continue
-        seen[key] = name
-        variants.append(name)
-
+def run_variants(args: AblationArguments, variants: list[str], start, processor, eval_data, output_dir: Path):
+    """Every variant's row; with --resume a finished variant's saved row is reused."""
     rows = []
     progress = tqdm(variants, desc="ablation", unit="variant")
     for name in progress:
@@ -253,12 +274,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             shutil.rmtree(variant_dir)  # an unfinished run of this variant
         variant_dir.mkdir(parents=True)
         rows.append(run_variant(name, start, processor, eval_data, args, variant_dir))
+    return rows
 
+
+def write_results(args: AblationArguments, rows: list[dict], same_as: dict, description: str, output_dir: Path):
+    """ablation.json, ablation.md and ablation.png, and the table on stdout."""
     eval_source = args.eval_dataset or args.dataset
     setup = {
         "start": description, "dataset": args.dataset, "eval_dataset": eval_source, "eval_split": args.eval_split,
         "max_train_steps": args.max_train_steps, "per_device_train_batch_size": args.per_device_train_batch_size,
-        "seed": args.seed, "train_args": args.train_args, "synthetic_size": args.synthetic_size,
+        "seed": args.seed, "train_args": args.train_args, "synthetic_size": list(args.synthetic_size),
         "same_configuration_as": same_as,
     }  # fmt: skip
     (output_dir / "ablation.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
@@ -269,6 +294,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     plot_rows(rows, output_dir / "ablation.png", title)
     print(format_table(rows))
     print(f"wrote {output_dir / 'ablation.json'}, ablation.md and ablation.png")
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = parse_settings(AblationArguments, argv, PROG, AblationArguments.__doc__)
+    try:  # every check before the output folder is touched
+        start, processor, description = starting_model(args)
+        eval_data = evaluation_frames(args, start)
+        variants, same_as = distinct_variants(args, start)
+        output_dir = prepare_output_dir(args)
+    except ArgumentValueError as error:
+        exit_with_error(PROG, error)
+    rows = run_variants(args, variants, start, processor, eval_data, output_dir)
+    write_results(args, rows, same_as, description, output_dir)
     return rows
 
 

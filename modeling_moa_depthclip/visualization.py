@@ -80,7 +80,7 @@ def plot_loss_curve(loss_history, path, eval_history=(), metric: str = "abs_rel"
     """
     if not loss_history:
         return None
-    import matplotlib
+    import matplotlib  # optional dependency: only pictures need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

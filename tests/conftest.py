@@ -12,12 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-NYU_SAMPLE_ENV = "MOA_DEPTHCLIP_NYU_SAMPLE"
+# the tests' one choice of where the shared NYU frames are (the package takes a folder or $MOA_DEPTHCLIP_NYU_SAMPLE)
+NYU_SAMPLE_DEFAULT = REPO_ROOT.parent / "shared" / "data" / "nyu_eigen_test_sample"
+NYU_SAMPLE_ENV = "MOA_DEPTHCLIP_NYU_SAMPLE"  # read by the package's evaluation.nyu_sample_dir too
 
 
 def _nyu_sample_path() -> Path:
-    env = os.environ.get(NYU_SAMPLE_ENV)
-    return Path(env).expanduser() if env else REPO_ROOT.parent / "shared" / "data" / "nyu_eigen_test_sample"
+    """Where the tests look for the NYU frames: $MOA_DEPTHCLIP_NYU_SAMPLE, else NYU_SAMPLE_DEFAULT."""
+    return Path(os.environ.get(NYU_SAMPLE_ENV) or NYU_SAMPLE_DEFAULT).expanduser()
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ zero-shot baseline, trained by examples/train.py and scored by examples/evaluate
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("moa_ablation_script", REPO_ROOT / "examples" / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """examples/ablation.py as a module (registered, as its settings dataclass needs)."""
+    name = "moa_ablation_script"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / "ablation.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 ARGS = ["--config_name", "tiny", "--variants", "no_adapters", "zero_shot", "--max_train_steps", "2",
@@ -62,7 +66,14 @@ def test_ablation_trains_and_scores_each_variant_alike(tmp_path, capsys):
     # nothing is replaced without being asked; --resume keeps what is finished
     with pytest.raises(SystemExit):
         script.main([*ARGS, "--output_dir", str(output)])
-    assert "pass --overwrite" in capsys.readouterr().err
+    assert "pass --overwrite" in capsys.readouterr().err.strip().splitlines()[-1]
+    # bad values end in one line naming the flag, before the output folder is touched
+    for argv, expected in ((["--model", str(output), "--config_name", "tiny"], "--config_name: not allowed with --model"),
+                           (["--overwrite", "--resume"], "--resume: not allowed with --overwrite"),
+                           (["--synthetic_size", "64"], "--synthetic_size: expected 2 values")):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main([*ARGS, "--output_dir", str(output), *argv])
+        assert exit_info.value.code == 2 and expected in capsys.readouterr().err.strip().splitlines()[-1]
     stamp = (variants / "zero_shot" / "result.json").stat().st_mtime_ns
     assert script.main([*ARGS, "--output_dir", str(output), "--resume"]) == rows
     assert (variants / "zero_shot" / "result.json").stat().st_mtime_ns == stamp

@@ -329,3 +329,15 @@ def test_first_example_with_valid_depth_uses_the_loss_mask_of_the_configuration(
     assert ckpt.first_example_with_valid_depth(invalid, DepthLoss(tiny_config(max_depth=25.0)).valid_mask) == 2
     more = invalid + [{"depth": np.full((4, 4), 2.0)}]
     assert ckpt.first_example_with_valid_depth(more, DepthLoss(tiny_config()).valid_mask) == 3
+
+
+def test_no_code_of_the_package_signals_its_own_process():
+    """Fault injection lives in tests/fault_injection.py: nothing in the package (an environment variable included)
+    can make a run kill or signal itself."""
+    import modeling_moa_depthclip
+
+    package = Path(modeling_moa_depthclip.__file__).parent
+    offenders = [str(path.relative_to(package)) for path in package.rglob("*.py")
+                 if any(call in path.read_text() for call in ("os.kill(os.getpid()", "signal.raise_signal(", "os.abort(",
+                                                        "_KILL_AT"))]
+    assert offenders == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -169,6 +170,37 @@ def test_evaluate_script_fails_in_one_line_before_evaluating(checkpoint, nyu_sam
     assert a_file.read_text() == "the user's file"
 
 
+def _evaluate_script():
+    """examples/evaluate.py as a module, so that its main() runs in this process."""
+    name = "moa_depthclip_examples_evaluate"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "examples" / "evaluate.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def test_evaluate_script_creates_nothing_before_every_argument_is_valid(checkpoint, tmp_path, capsys):
+    """Bad values end with one line naming the flag, and no output folder is left behind."""
+    script = _evaluate_script()
+    out = tmp_path / "out" / "eval"
+    patch = json.loads((checkpoint / "config.json").read_text())["vision_config"]["patch_size"]
+    for argv, expected in (
+        (["--input_size", patch + 1, patch * 2], f"--input_size: {patch + 1} {patch * 2}: both sides must be multiples"),
+        (["--input_size", patch], "--input_size: expected 2 values (HEIGHT WIDTH), got 1"),
+        (["--batch_size", 0], "--batch_size: expected a positive integer, got 0"),
+        (["--min_depth", 5, "--max_depth", 2], "--min_depth/--max_depth: need 0 < min_depth < max_depth"),
+        (["--dataset", tmp_path / "no_such_folder"], "--dataset: dataset folder or file not found"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main([str(a) for a in ["--model", checkpoint, "--dataset", "synthetic", "--num_samples", 1,
+                                          "--output_dir", out, *argv]])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("evaluate.py: error: ") and expected in err[-1], err
+        assert not (tmp_path / "out").exists()
+
+
 def _frames(nyu_sample_dataset, count):
     return [dict(example) for example in nyu_sample_dataset[:count]]
 
@@ -213,3 +245,19 @@ def test_the_depth_range_comes_from_the_model_config(checkpoint, nyu_sample_data
 
     with pytest.raises(ValueError, match="depth range is not known"):
         evaluate(NoConfig(), tiny_processor(), frames, show_progress=False)
+
+
+def test_the_nyu_sample_folder_is_the_callers_choice_or_the_environment_variables(tmp_path, monkeypatch):
+    """The package does not know where the repository's neighbours are: it takes a folder or the variable."""
+    from modeling_moa_depthclip.evaluation import NYU_SAMPLE_ENV, nyu_sample_dir
+
+    monkeypatch.delenv(NYU_SAMPLE_ENV, raising=False)
+    frames, other, empty = tmp_path / "frames", tmp_path / "other", tmp_path / "empty"
+    for folder in (frames, other, empty):
+        folder.mkdir()
+    (frames / "index.csv").write_text("a_colors.png,a_depth.png\n")
+    (other / "index.csv").write_text("a_colors.png,a_depth.png\n")
+    assert nyu_sample_dir() is None and nyu_sample_dir(empty) is None
+    assert nyu_sample_dir(frames) == frames
+    monkeypatch.setenv(NYU_SAMPLE_ENV, str(other))
+    assert nyu_sample_dir(frames) == other and nyu_sample_dir() == other

@@ -327,10 +327,8 @@ def test_local_pretrained_clip_initialises_the_backbone_else_a_warning(tmp_path,
     clip = CLIPModel(clip_config).eval()
     clip.save_pretrained(tmp_path / "clip")
     tokenizer.save_pretrained(tmp_path / "clip")
-    parser = train_script.build_parser()
-
-    args = parser.parse_args(["--config_name", "tiny", "--clip_model", str(tmp_path / "clip")])
-    model, processor, description = train_script.load_or_build_model(args, parser, train_script.build_config("tiny"))
+    args = train_script.TrainArguments(config_name="tiny", clip_model=str(tmp_path / "clip"))
+    model, processor, description = train_script.load_or_build_model(args, train_script.model_config(args))
     assert "pretrained CLIP" in description
     assert torch.equal(
         model.vision_model.encoder.layers[0].mlp.fc1.weight, clip.vision_model.encoder.layers[0].mlp.fc1.weight
@@ -347,15 +345,15 @@ def test_local_pretrained_clip_initialises_the_backbone_else_a_warning(tmp_path,
     other = json.loads((REPO_ROOT / "examples" / "configs" / "tiny.json").read_text())
     other["vision_config"]["patch_size"] = 32
     (tmp_path / "other.json").write_text(json.dumps(other))
-    args = parser.parse_args(["--config_name", str(tmp_path / "other.json"), "--clip_model", str(tmp_path / "clip")])
-    with pytest.raises(SystemExit):
-        train_script.load_or_build_model(args, parser, train_script.build_config(str(tmp_path / "other.json")))
-    assert "patch_size: model 32 vs CLIP 16" in capsys.readouterr().err
+    args = train_script.parse_args(["--config_name", str(tmp_path / "other.json"), "--clip_model", str(tmp_path / "clip")])
+    with pytest.raises(train_script.ArgumentValueError, match="patch_size: model 32 vs CLIP 16") as refused:
+        train_script.load_or_build_model(args, train_script.model_config(args))
+    assert refused.value.flag == "--clip_model"
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="moa_depthclip.train"):
-        args = parser.parse_args(["--config_name", "tiny", "--clip_model", "nobody/no-such-clip"])
-        _, _, description = train_script.load_or_build_model(args, parser, train_script.build_config("tiny"))
+        args = train_script.TrainArguments(config_name="tiny", clip_model="nobody/no-such-clip")
+        _, _, description = train_script.load_or_build_model(args, train_script.model_config(args))
     assert "random CLIP backbone" in description
     assert any("RANDOMLY INITIALISED" in record.getMessage() for record in caplog.records)
 
@@ -568,6 +566,10 @@ def test_bad_inputs_fail_with_one_clear_line_before_training(tmp_path, capsys, r
         train_script.main, ["--config_name", "tiny", "--output_dir", user], capsys
     )
     assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    # the same output-folder rule as evaluate.py's: a file in the way is named
+    assert f"--output_dir: output folder {user / 'notes.txt'} is a file" in _error_of(
+        train_script.main, ["--config_name", "tiny", "--output_dir", user / "notes.txt"], capsys
+    )
 
 
     # and as a real command: nonzero exit, one line

@@ -1,8 +1,9 @@
 """examples/train.py under faults: kills, signals, a second run, divergence, data without depth, broken models.
 
 The fault-injection test kills real training processes (tiny configuration, synthetic 48x64 scenes) at chosen
-points through the `MOA_DEPTHCLIP_KILL_AT` hook of modeling_moa_depthclip.training.run_folder, resumes each time with
-`--resume_from_checkpoint latest`, and requires the result to equal an uninterrupted run bit for bit.
+points, reached through tests/fault_injection.py (a wrapper that patches the run folder's functions; the library has
+no hook), resumes each time with `--resume_from_checkpoint latest`, and requires the result to equal an
+uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_moa_depthclip.training.run_folder import KILL_ENV, LOCK_FILE, list_checkpoints
+from modeling_moa_depthclip.training.run_folder import LOCK_FILE, list_checkpoints
+
+from fault_injection import fault_patches
 
 from test_train_evaluate import ACCELERATE, EXAMPLES, _error_of, _subprocess_env, one_thread, run_train, train_script  # noqa: F401
 
@@ -31,11 +34,9 @@ COMMON = (
 
 
 def _train_process(output_dir: Path, *extra, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = _subprocess_env()
-    if kill_at is not None:
-        env[KILL_ENV] = kill_at
-    command = [sys.executable, str(EXAMPLES / "train.py"), *map(str, COMMON), "--output_dir", str(output_dir), *extra]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    script = [str(Path(__file__).with_name("fault_injection.py")), kill_at] if kill_at else [str(EXAMPLES / "train.py")]
+    command = [sys.executable, *script, *map(str, COMMON), "--output_dir", str(output_dir), *extra]
+    return subprocess.run(command, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
 def _entries(folder: Path) -> list[str]:
@@ -120,7 +121,7 @@ def test_one_run_per_output_folder_and_nothing_of_an_earlier_run_is_replaced_una
     try:
         assert holder.stdout.readline().strip() == "locked"
         message = _error_of(train_script.main, [*args, "--resume_from_checkpoint", "latest"], capsys)
-        assert f"--output_dir {out} is in use by another training run (pid {holder.pid}" in message
+        assert f"--output_dir: {out} is in use by another training run (pid {holder.pid}" in message
     finally:
         holder.kill()
         holder.wait()
@@ -139,7 +140,7 @@ def test_one_run_per_output_folder_and_nothing_of_an_earlier_run_is_replaced_una
     (out / "checkpoints" / "step_3" / "training_progress.json").write_text("{}")
     message = _error_of(train_script.main, [*args, "--resume_from_checkpoint", out / "checkpoints" / "step_3"], capsys)
     assert message.endswith(
-        f"--resume_from_checkpoint {out / 'checkpoints' / 'step_3'} is an incomplete checkpoint: not marked complete "
+        f"--resume_from_checkpoint: {out / 'checkpoints' / 'step_3'} is an incomplete checkpoint: not marked complete "
         f"(no checkpoint_complete.json): its writing was interrupted, or it predates them; the newest complete one "
         f"is {out / 'checkpoints' / 'step_2'}"
     ), message
@@ -176,7 +177,8 @@ def test_two_processes_refused_together_without_hanging(tmp_path):
 
 
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_exit_code_130(run_train, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(KILL_ENV, "step:2:SIGINT")
+    for owner, name, replacement in fault_patches("step:2:SIGINT"):
+        monkeypatch.setattr(owner, name, replacement)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN where the runner was started in the background
     with pytest.raises(SystemExit) as exit_info:
         run_train(*COMMON, "--output_dir", tmp_path / "run")
@@ -225,7 +227,7 @@ def test_a_training_set_without_valid_depth_fails_before_the_first_step(tmp_path
     (data / "index.csv").write_text("\n".join(rows) + "\n")
     message = _error_of(train_script.main, ["--config_name", "tiny", "--dataset", data, "--eval_split", "none",
                                             "--test_datasets", "none", "--output_dir", tmp_path / "out"], capsys)
-    assert f"--dataset {data}: none of the 3 training examples has a valid depth pixel" in message
+    assert f"--dataset: {data}: none of the 3 training examples has a valid depth pixel" in message
     assert "(0.001, 10] m" in message
     assert not (tmp_path / "out" / "final").exists()
 
@@ -241,3 +243,52 @@ def test_a_broken_model_folder_fails_in_one_line_naming_the_file(tmp_path, capsy
     weights.unlink()
     message = _error_of(train_script.main, ["--model", tmp_path / "model", "--output_dir", tmp_path / "out"], capsys)
     assert "--model" in message and "model.safetensors" in message and str(tmp_path / "model") in message
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch and resume say what they do
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_launchers_process_count_is_read_from_its_command_line():
+    from modeling_moa_depthclip.training.launch import launch_shortfall, requested_num_processes
+
+    launcher = ["/venv/bin/python", "/venv/bin/accelerate", "launch"]
+    assert requested_num_processes([*launcher, "--cpu", "--num_processes", "2", "train.py", "--seed", "1"]) == 2
+    assert requested_num_processes([*launcher, "--num-processes=3", "--multi_gpu", "train.py"]) == 3
+    assert requested_num_processes(["/venv/bin/python", "train.py", "--num_processes", "2"]) is None
+    assert launch_shortfall(2, 2) is None and launch_shortfall(1, None) is None
+    message = launch_shortfall(1, 2)
+    assert "\n" not in message and "asked for 2 processes but started 1" in message
+
+
+def test_a_launch_that_starts_fewer_processes_than_asked_says_so(tmp_path):
+    """accelerate's CPU launcher starts one process for `--num_processes 2`: the run says so in one line."""
+    out = tmp_path / "run"
+    short = [*COMMON[:COMMON.index("--max_train_steps")], "--max_train_steps", 1, "--eval_split", "none",
+             "--test_datasets", "none", "--checkpointing_steps", 0, "--report_to", "none", "--output_dir", out]
+    launched = subprocess.run(
+        [str(ACCELERATE), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(EXAMPLES / "train.py"), *map(str, short)],
+        env=_subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    lines = [line for line in launched.stderr.splitlines() if "accelerate launch was asked for" in line]
+    assert len(lines) == 1 and "asked for 2 processes but started 1" in lines[0], launched.stderr[-3000:]
+    assert "x 1 process(es)" in launched.stderr
+
+
+def test_resuming_with_another_batch_size_says_the_run_is_not_exact(run_train, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*COMMON[:COMMON.index("--max_train_steps")], "--max_train_steps", 3, "--stop_after_steps", 1,
+            "--eval_split", "none", "--test_datasets", "none", "--report_to", "none", "--output_dir", out]
+    run_train(*args)
+    assert "another setup" not in capsys.readouterr().err
+    # the same setup resumes without a word
+    run_train(*args, "--stop_after_steps", 2, "--resume_from_checkpoint", "latest")
+    assert "another setup" not in capsys.readouterr().err
+    run_train(*args, "--resume_from_checkpoint", "latest", "--per_device_train_batch_size", 3)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "another setup" in line]
+    assert len(lines) == 1, lines
+    assert "per-device batch 2 -> 3" in lines[0] and "not an exact continuation" in lines[0]
+    assert "processes" not in lines[0]  # only what changed is named

@@ -40,6 +40,8 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
+from ..utils import is_hub_id
+
 __all__ = [
     "ClipCheckpoint",
     "Layout",
@@ -781,13 +783,8 @@ def load_clip_source(
 
 
 def _looks_like_hub_id(source: str) -> bool:
-    # "org/name" or "name"; anything with a weights suffix, path separators beyond one, or a
-    # leading ./ ~ / is meant as a local path.
-    return (
-        re.fullmatch(r"[\w.-]+(/[\w.-]+)?", source) is not None
-        and not source.startswith(".")
-        and not source.endswith((*_TORCH_SUFFIXES, ".safetensors"))
-    )
+    # a name ending like a weights file is meant as a local file that is missing
+    return is_hub_id(source) and not source.endswith((*_TORCH_SUFFIXES, ".safetensors"))
 
 
 def _load_pretrained(

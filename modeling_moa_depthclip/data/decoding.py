@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+from PIL import Image
 
 from .reading import DepthUnitWarning, depth_image_array, depth_scale_for, depth_to_metres, depth_unit_problem, make_example
 
@@ -16,11 +18,7 @@ Example = dict  # {"image": PIL.Image RGB, "depth": float32 [H, W] metres (0 = i
 
 def _open_stored_image(value: Any, where: str):
     """A PIL image from a decoded or undecoded (`{"bytes", "path"}`) `Image` value."""
-    from PIL import Image
-
     if isinstance(value, Mapping) and ("bytes" in value or "path" in value):
-        import io
-
         try:
             image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
             image.load()

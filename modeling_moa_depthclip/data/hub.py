@@ -12,6 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import huggingface_hub
+from tqdm.auto import tqdm
+
 from .layouts import normalise_split, split_error
 from .nyu import split_of_shard, tar_shards_dataset
 
@@ -34,8 +37,6 @@ def _gib(size: int) -> str:
 def load_hub_tar_shards(repo_id: str, split: str, *, reason: str, streaming: bool = False, **decoder_kwargs: Any):
     """The `split` of a Hub dataset repository made of tar shards of fast-depth `.h5` frames (see the module
     docstring); `reason` says why `datasets.load_dataset` was not used, in the one log line of this path."""
-    import huggingface_hub
-
     api = huggingface_hub.HfApi()
     files = api.list_repo_files(repo_id, repo_type="dataset")
     by_split: dict[str, list[str]] = {}
@@ -67,8 +68,6 @@ def load_hub_tar_shards(repo_id: str, split: str, *, reason: str, streaming: boo
         f"{repo_id} ({split}): {reason}; reading its {len(shards)} tar shard(s) of .h5 frames in place instead: "
         f"{_gib(total)}, of which {_gib(to_download)} to download with huggingface_hub (cached, resumable)"
     )
-    from tqdm.auto import tqdm
-
     local = [
         huggingface_hub.hf_hub_download(repo_id, shard, repo_type="dataset")
         for shard in tqdm(shards, desc=f"{repo_id} {split} shards", unit="shard", disable=not (set(shards) - cached))

@@ -24,6 +24,9 @@ import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import datasets
+import h5py
+import huggingface_hub
 import numpy as np
 
 from .decoding import DepthExampleDecoder, Example
@@ -65,8 +68,6 @@ def split_of_shard(filename: str) -> str | None:
 
 def read_fastdepth_h5(source: str | os.PathLike | bytes, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`(rgb uint8 [H, W, 3], depth [H, W] as stored)` of one fast-depth `.h5` frame (a path or the file's bytes)."""
-    import h5py
-
     where = where or (os.fspath(source) if not isinstance(source, bytes) else "h5 frame")
     handle = io.BytesIO(source) if isinstance(source, bytes) else os.fspath(source)
     try:
@@ -128,8 +129,6 @@ def _list_h5(folder: Path) -> list[Path]:
 
 def fastdepth_h5_dataset(files: Sequence[Path], root: Path, *, source: str, **decoder_kwargs):
     """A lazily decoded `datasets.Dataset` over fast-depth `.h5` files (names: paths relative to `root`)."""
-    import datasets
-
     table = datasets.Dataset.from_dict({
         "path": [str(f) for f in files],
         "name": [f.relative_to(root).with_suffix("").as_posix() for f in files],
@@ -140,8 +139,6 @@ def fastdepth_h5_dataset(files: Sequence[Path], root: Path, *, source: str, **de
 def tar_shards_dataset(shards: Sequence[str | os.PathLike], *, source: str, streaming: bool = False, **decoder_kwargs):
     """fast-depth `.h5` frames in tar shards, read in place: a map-style `datasets.Dataset` over the members'
     offsets, or (`streaming`) a `datasets.IterableDataset` reading each shard member by member."""
-    import datasets
-
     shards = [os.fspath(s) for s in shards]
     decoder = FastDepthH5Decoder(source=source, **decoder_kwargs)
     if streaming:
@@ -161,8 +158,6 @@ def tar_shards_dataset(shards: Sequence[str | os.PathLike], *, source: str, stre
 
 def _open_shard(shard: str):
     if shard.startswith("hf://"):
-        import huggingface_hub
-
         return huggingface_hub.HfFileSystem().open(shard[len("hf://"):], "rb")
     return open(shard, "rb")
 
@@ -313,8 +308,6 @@ class DenseDepthArraysDecoder(DepthExampleDecoder):
 def densedepth_arrays_dataset(source: Path, *, split: str, **decoder_kwargs):
     """DenseDepth's Eigen test arrays (`nyu_test.zip` or a folder with the `.npy` files) as a lazily read
     `datasets.Dataset` (the `test` split)."""
-    import datasets
-
     if normalise_split(split) != "test":
         raise split_error(split, str(source), ["test"])
     if source.is_file():

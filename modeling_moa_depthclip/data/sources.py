@@ -25,8 +25,12 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import datasets
+
+from ..utils import first_line, is_hub_id
 from .decoding import DepthExampleDecoder, Example
-from .layouts import find_split_lists, read_bts_list, read_densedepth_csv, select_split
+from .hub import is_loading_script_error, load_hub_tar_shards
+from .layouts import find_split_lists, normalise_split, read_bts_list, read_densedepth_csv, select_split
 from .nyu import find_nyu_layout, load_nyu_layout
 from .reading import make_example
 from .synthetic import render_synthetic_scene
@@ -44,7 +48,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _PATH_SUFFIXES = (".csv", ".txt", ".json", ".h5", ".tar", ".zip", ".npy")
-_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
 class SourceKind(str, enum.Enum):
@@ -80,7 +83,7 @@ def classify_source(source: str | os.PathLike) -> SourceKind:
         or source.lower().endswith(_PATH_SUFFIXES)
     ):
         return SourceKind.MISSING
-    if _HUB_ID.match(source):
+    if is_hub_id(source):
         return SourceKind.HUB
     raise ValueError(f"unknown depth dataset source {source!r} (not 'synthetic', a local path or a Hub id)")
 
@@ -104,8 +107,6 @@ def with_example_transform(dataset, transform: Callable[[Example], Example] | No
     Works on the datasets of `load_depth_dataset`: map-style ones keep their lazy `with_transform` decoding, and
     streaming ones get a lazy `.map`.
     """
-    import datasets
-
     if transform is None:
         return dataset
     if isinstance(dataset, datasets.IterableDataset):
@@ -129,8 +130,6 @@ def depth_dataset_from_files(
     **decoder_kwargs,
 ):
     """A lazily decoded `datasets.Dataset` over `(rgb file, depth file)` pairs (see `DepthExampleDecoder`)."""
-    import datasets
-
     pairs = [(os.fspath(a), os.fspath(b)) for a, b in pairs]
     names = list(names) if names is not None else [Path(a).stem for a, _ in pairs]
     if len(names) != len(pairs):
@@ -147,9 +146,6 @@ _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 
 
 def _synthetic(split: str, num_samples: int | None, seed: int, height: int, width: int, **decoder_kwargs):
-    import datasets
-
-    from .layouts import normalise_split
 
     split = normalise_split(split)
     n = num_samples if num_samples is not None else (200 if split == "train" else 24)
@@ -165,8 +161,6 @@ def _synthetic(split: str, num_samples: int | None, seed: int, height: int, widt
 
 
 def _take(dataset, num_samples: int | None):
-    import datasets
-
     if num_samples is None:
         return dataset
     if num_samples <= 0:
@@ -205,8 +199,6 @@ def _hub_columns(columns: Sequence[str], image_column: str | None, depth_column:
 def _wrap_hf(hf, split: str, source: str, image_column, depth_column, num_samples, decoder_kwargs):
     """A stored `datasets` split (map-style or streaming) with the decoding transform; frames without a name
     column are named `<split>_<index:06d>`."""
-    import datasets
-
     if isinstance(hf, datasets.IterableDataset):
         columns = list(hf.column_names or []) or list(next(iter(hf)).keys())
         image, depth, name = _hub_columns(columns, image_column, depth_column, source)
@@ -251,12 +243,9 @@ def _load_local_list(path: Path, split: str, data_root: Path | None, num_samples
 
 
 def _load_saved(path: Path, split: str, image_column, depth_column, num_samples, decoder_kwargs):
-    import datasets
-
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
-        from .layouts import normalise_split
-
+    
         wanted = split if split in loaded else normalise_split(split)
         if wanted not in loaded:
             raise ValueError(f"split {split!r} not in saved dataset {path} (splits: {list(loaded)})")
@@ -335,14 +324,7 @@ def load_depth_dataset(
     return _load_hub(source, split, streaming, image_column, depth_column, num_samples, decoder_kwargs)
 
 
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 def _load_hub(source: str, split: str, streaming: bool, image_column, depth_column, num_samples, decoder_kwargs):
-    import datasets
-
-    from .hub import is_loading_script_error, load_hub_tar_shards
 
     # A streaming view first: it tells what the repository holds without downloading or converting it.
     try:
@@ -350,8 +332,8 @@ def _load_hub(source: str, split: str, streaming: bool, image_column, depth_colu
         columns = list(stream.column_names or []) or list(next(iter(stream), {}).keys())
     except Exception as exc:
         if not is_loading_script_error(exc):
-            raise ValueError(f"cannot load Hub dataset {source!r} (split={split!r}): {_first_line(exc)}") from exc
-        reason = f"datasets.load_dataset cannot read it ({_first_line(exc)})"
+            raise ValueError(f"cannot load Hub dataset {source!r} (split={split!r}): {first_line(exc)}") from exc
+        reason = f"datasets.load_dataset cannot read it ({first_line(exc)})"
         return _take(load_hub_tar_shards(source, split, reason=reason, streaming=streaming, **decoder_kwargs), num_samples)
     if "h5" in columns and not any(c in columns for c in _IMAGE_COLUMNS):
         reason = "it holds tar shards of .h5 frames, which datasets.load_dataset reads as undecoded bytes"
@@ -362,7 +344,7 @@ def _load_hub(source: str, split: str, streaming: bool, image_column, depth_colu
         try:
             hf = datasets.load_dataset(source, split=split)
         except Exception as exc:
-            raise ValueError(f"cannot load Hub dataset {source!r} (split={split!r}): {_first_line(exc)}") from exc
+            raise ValueError(f"cannot load Hub dataset {source!r} (split={split!r}): {first_line(exc)}") from exc
     logger.info(f"{source} ({split}): loaded with datasets.load_dataset" + (" (streaming)" if streaming else ""))
     return _wrap_hf(hf, split, source, image_column, depth_column, num_samples, decoder_kwargs)
 

@@ -1,6 +1,7 @@
 """The NYU Depth V2 evaluation protocol, its metrics, and the reports and pictures it writes."""
 
 from .metrics import (
+    CROPS,
     METRIC_KEYS,
     DepthMetricsAccumulator,
     NoValidDepthError,
@@ -11,15 +12,16 @@ from .metrics import (
 )
 from .protocol import (
     AVERAGING,
-    CROPS,
+    NYU_SAMPLE_ENV,
+    EvaluationSettings,
     check_output_dir,
     dataset_label,
-    default_nyu_sample_dir,
     depth_range,
     evaluate,
     format_report,
     format_result_line,
     load_dataset_or_error,
+    nyu_sample_dir,
     predict_depth,
     safe_frame_filename,
     save_samples_panel,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 METRIC_KEYS: tuple[str, ...] = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
+CROPS: tuple[str, ...] = ("eigen", "garg", "none")  # the evaluation crops by name ("none": the whole frame)
 
 # Metrics where larger is better; all others are errors.
 HIGHER_IS_BETTER: frozenset[str] = frozenset({"d1", "d2", "d3"})
@@ -63,14 +64,14 @@ def _as_float64_array(x: Any) -> np.ndarray:
 
 
 def _crop_mask(crop: Any, shape: tuple[int, int]) -> np.ndarray | None:
-    if crop is None:
+    if crop is None or (isinstance(crop, str) and crop == "none"):
         return None
     if isinstance(crop, str):
         if crop == "eigen":
             return eigen_crop_mask(*shape)
         if crop == "garg":
             return garg_crop_mask(*shape)
-        raise ValueError(f"unknown crop {crop!r}; expected 'eigen', 'garg', None or a boolean mask")
+        raise ValueError(f"unknown crop {crop!r}; expected one of {list(CROPS)}, None or a boolean mask")
     mask = np.asarray(crop, dtype=bool)
     if mask.shape != shape:
         raise ValueError(f"crop mask shape {mask.shape} does not match ground truth shape {shape}")

@@ -16,36 +16,43 @@ The protocol is the one of the BTS / AdaBins / DenseDepth NYU evaluation code:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import os
 import re
 import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
+from ..data import SourceKind, classify_source, load_depth_dataset
 from ..utils import first_line
-from .metrics import METRIC_KEYS, DepthMetricsAccumulator, NoValidDepthError, format_metrics_markdown
+from .metrics import CROPS, METRIC_KEYS, DepthMetricsAccumulator, NoValidDepthError, format_metrics_markdown
 
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "AVERAGING",
+    "NYU_SAMPLE_ENV",
     "CROPS",
     "check_output_dir",
     "dataset_label",
-    "default_nyu_sample_dir",
+    "EvaluationSettings",
     "depth_range",
     "evaluate",
     "format_report",
     "format_result_line",
     "load_dataset_or_error",
+    "nyu_sample_dir",
     "predict_depth",
     "safe_frame_filename",
     "save_samples_panel",
@@ -53,7 +60,6 @@ __all__ = [
 ]
 
 NYU_SAMPLE_ENV = "MOA_DEPTHCLIP_NYU_SAMPLE"
-CROPS = ("eigen", "garg", "none")
 AVERAGING = (
     "per-image: each metric is computed on the valid pixels of one image, then averaged over images "
     "(as the common BTS/AdaBins/DenseDepth NYU evaluation code does)"
@@ -65,12 +71,13 @@ AVERAGING = (
 # ------------------------------------------------------------------------------------------------
 
 
-def default_nyu_sample_dir() -> Path | None:
-    """The shared real NYU frames: `$MOA_DEPTHCLIP_NYU_SAMPLE`, else `../shared/data/nyu_eigen_test_sample` beside
-    the repository; None if absent."""
+def nyu_sample_dir(default: str | os.PathLike | None = None) -> Path | None:
+    """A folder of NYU frames (with its `index.csv`) to evaluate on by default: `$MOA_DEPTHCLIP_NYU_SAMPLE` if set,
+    else `default` (the caller's choice, e.g. a script's sample folder); None if that folder has no frames."""
     env = os.environ.get(NYU_SAMPLE_ENV)
-    repo_root = Path(__file__).resolve().parents[2]
-    path = Path(env).expanduser() if env else repo_root.parent / "shared" / "data" / "nyu_eigen_test_sample"
+    if not env and default is None:
+        return None
+    path = Path(env or default).expanduser()
     return path if (path / "index.csv").is_file() else None
 
 
@@ -87,8 +94,6 @@ def load_dataset_or_error(source: str, split: str, *, min_depth: float, max_dept
 
     `min_depth`, `max_depth` are the model's (`model.config`): depth outside them is invalid ground truth.
     """
-    from ..data import SourceKind, classify_source, load_depth_dataset
-
     source = str(source)
     try:
         kind = classify_source(source)
@@ -108,18 +113,21 @@ def load_dataset_or_error(source: str, split: str, *, min_depth: float, max_dept
     return dataset
 
 
-def check_output_dir(output_dir: str | os.PathLike) -> Path:
-    """Create `output_dir` if needed and make sure files can be written there, before any work is done.
+def check_output_dir(output_dir: str | os.PathLike, create: bool = True) -> Path:
+    """Make sure files can be written to `output_dir` (creating it with `create`), before any work is done.
 
-    Raises `OSError` in one line naming the folder: a file in the way, or a folder that cannot be written.
+    With `create=False` nothing is created: the folder, or the nearest folder above it that exists, must be
+    writable. Raises `OSError` in one line naming the folder: a file in the way, or a folder that cannot be written.
     """
     path = Path(output_dir).expanduser()
-    for parent in (path, *path.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                what = "is a file" if parent == path else f"cannot be created: {parent} is a file"
-                raise NotADirectoryError(f"output folder {path} {what}")
-            break
+    existing = next((parent for parent in (path, *path.parents) if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise NotADirectoryError(f"output folder {path} {what}")
+    if not create:
+        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(f"output folder {path} is not writable: {existing} does not allow it")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -217,24 +225,45 @@ def safe_frame_filename(name: str) -> str:
     return flat or "frame"
 
 
+@dataclass
+class EvaluationSettings:
+    """How `evaluate` scores a model (each also a keyword argument of `evaluate`).
+
+    Args:
+        batch_size: images per forward pass and process.
+        crop: `"eigen"`, `"garg"` or `None`/`"none"`.
+        min_depth, max_depth: clamp range of the prediction and valid range of the ground truth; default: the
+            model's `config.min_depth` and `config.max_depth`.
+        flip_average: average with the prediction of the horizontally flipped image.
+        input_size: `(height, width)` fed to the model; default: the image processor's size.
+        predictions_dir: if given, each prediction is saved there as float32 `.npy` in metres named after its frame.
+        num_visual_samples: how many frames (the first of the main process) to keep for the picture panel.
+        dataset_name, model_name: recorded in the protocol and named in messages.
+        show_progress: a progress bar on the main process.
+    """
+
+    batch_size: int = 8
+    crop: str | None = "eigen"
+    min_depth: float | None = None
+    max_depth: float | None = None
+    flip_average: bool = False
+    input_size: tuple[int, int] | None = None
+    predictions_dir: str | os.PathLike | None = None
+    num_visual_samples: int = 4
+    dataset_name: str | None = None
+    model_name: str | None = None
+    show_progress: bool = True
+
+
 def evaluate(
     model,
     image_processor,
     dataset,
+    settings: EvaluationSettings | None = None,
     *,
     accelerator=None,
-    batch_size: int = 8,
-    crop: str | None = "eigen",
-    min_depth: float | None = None,
-    max_depth: float | None = None,
-    flip_average: bool = False,
-    input_size: tuple[int, int] | None = None,
-    predictions_dir: str | os.PathLike | None = None,
-    num_visual_samples: int = 4,
-    dataset_name: str | None = None,
-    model_name: str | None = None,
     predict_fn: Callable[[list[dict]], list[np.ndarray]] | None = None,
-    show_progress: bool = True,
+    **options,
 ) -> dict:
     """Evaluate `model` on `dataset` with the NYU protocol; returns a dict with the results on every process.
 
@@ -243,15 +272,9 @@ def evaluate(
             restored to its previous mode at the end).
         image_processor: turns PIL images into `pixel_values` (`MoADepthCLIPImageProcessor`).
         dataset: examples `{"image", "depth", "name"}` (`load_depth_dataset`): map-style, a list or iterable.
+        settings: an `EvaluationSettings`; `options` (its field names as keywords) override its fields.
         accelerator: with several processes the frames are split between them and the per-image results are
             gathered and merged by frame name, so every frame counts once.
-        crop: `"eigen"`, `"garg"` or `None`/`"none"`.
-        min_depth, max_depth: clamp range of the prediction and valid range of the ground truth; default: the
-            model's `config.min_depth` and `config.max_depth`.
-        flip_average: average with the prediction of the horizontally flipped image.
-        input_size: `(height, width)` fed to the model; default: the image processor's size.
-        predictions_dir: if given, each prediction is saved there as float32 `.npy` in metres named after its frame.
-        num_visual_samples: how many frames (the first of the main process) to keep for the picture panel.
         predict_fn: replaces the model call: examples -> depth maps (any size, resized to the ground truth); used
             to check the protocol with known predictions.
 
@@ -263,105 +286,33 @@ def evaluate(
     Raises:
         ValueError: no frame at all could be scored (an empty dataset, or no valid pixel in any frame).
     """
-    min_depth, max_depth = depth_range(model, min_depth, max_depth)
-    crop = None if crop in (None, "none") else crop
+    settings = replace(settings or EvaluationSettings(), **options)
+    min_depth, max_depth = depth_range(model, settings.min_depth, settings.max_depth)
+    crop = None if settings.crop in (None, "none") else settings.crop
     process_index = accelerator.process_index if accelerator is not None else 0
     num_processes = accelerator.num_processes if accelerator is not None else 1
-    is_main = process_index == 0
-    if predictions_dir is not None:
-        predictions_dir = Path(predictions_dir)
-        predictions_dir.mkdir(parents=True, exist_ok=True)
-
-    was_training = getattr(model, "training", False) if model is not None else False
-    if model is not None and hasattr(model, "eval"):
-        model.eval()
     accumulator = DepthMetricsAccumulator(min_depth=min_depth, max_depth=max_depth, crop=crop)
-    skipped: set[str] = set()
-    samples: list[dict] = []
     examples, local_count = _local_examples(dataset, process_index, num_processes)
-    progress = None
-    if show_progress and is_main:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=local_count, desc=f"evaluate {dataset_name or ''}".strip(), unit="img", leave=False)
-    local_duplicates = 0
-    try:
-        for batch in _batched(examples, batch_size):
-            gts = [np.asarray(example["depth"], dtype=np.float32) for example in batch]
-            if predict_fn is not None:
-                predictions = [np.asarray(p, dtype=np.float32) for p in predict_fn(batch)]
-                predictions = [
-                    p if p.shape == g.shape else
-                    F.interpolate(torch.from_numpy(p)[None, None], size=g.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
-                    for p, g in zip(predictions, gts)
-                ]
-            else:
-                predictions = predict_depth(
-                    model,
-                    image_processor,
-                    [example["image"] for example in batch],
-                    [g.shape for g in gts],
-                    input_size=input_size,
-                    flip_average=flip_average,
-                )
-            for example, prediction, gt in zip(batch, predictions, gts):
-                name = str(example["name"])
-                before = len(accumulator)
-                try:
-                    accumulator.update(prediction, gt, name)
-                except NoValidDepthError:
-                    skipped.add(name)
-                    continue
-                if len(accumulator) == before:
-                    local_duplicates += 1
-                if predictions_dir is not None:
-                    np.save(predictions_dir / f"{safe_frame_filename(name)}.npy", prediction.astype(np.float32))
-                if is_main and len(samples) < num_visual_samples:
-                    samples.append(
-                        {"name": name, "image": np.asarray(example["image"].convert("RGB")), "depth": gt, "prediction": prediction}
-                    )
-            if progress is not None:
-                progress.update(len(batch))
-    finally:
-        if progress is not None:
-            progress.close()
-        if model is not None and was_training:
-            model.train()
-    if local_duplicates:
-        logger.warning(f"{local_duplicates} frame(s) repeat an earlier frame's name and were counted once")
-
-    if num_processes > 1:
-        from accelerate.utils import gather_object
-
-        merged = DepthMetricsAccumulator(min_depth=min_depth, max_depth=max_depth, crop=crop)
-        for part in gather_object([{"records": accumulator.state(), "skipped": sorted(skipped)}]):
-            merged.merge(part["records"])
-            skipped.update(part["skipped"])
-        accumulator = merged
+    scoring = _LocalScoring(model, image_processor, settings, predict_fn, accumulator, is_main=process_index == 0)
+    with _eval_mode(model), _progress_bar(settings, local_count, process_index == 0) as progress:
+        for batch in _batched(examples, settings.batch_size):
+            scoring.score(batch)
+            progress.update(len(batch))
+    if scoring.duplicates:
+        logger.warning(f"{scoring.duplicates} frame(s) repeat an earlier frame's name and were counted once")
+    accumulator, skipped = _gathered(accumulator, scoring.skipped, num_processes)
     valid_gt = f"finite and in ({min_depth:g}, {max_depth:g}] m"
-    if skipped:
-        logger.warning(
-            f"{len(skipped)} frame(s) of {dataset_name or 'the dataset'} have no valid ground-truth pixel "
-            f"({valid_gt}, crop {crop or 'none'}) and were skipped: {', '.join(sorted(skipped)[:5])}"
-            + (" ..." if len(skipped) > 5 else "")
-        )
-    if len(accumulator) == 0:
-        if skipped:
-            raise ValueError(
-                f"no frame of {dataset_name or 'the dataset'} has a valid ground-truth pixel ({valid_gt}, crop "
-                f"{crop or 'none'}): all {len(skipped)} skipped; is the depth range of the model right for this data?"
-            )
-        raise ValueError(f"no frames evaluated: dataset {dataset_name or ''} yielded no examples")
+    _check_scored(accumulator, skipped, settings.dataset_name, f"{valid_gt}, crop {crop or 'none'}")
     protocol = {
         "crop": crop or "none",
         "clamp_range_m": [min_depth, max_depth],
         "valid_gt": valid_gt,
         "averaging": AVERAGING,
         "prediction_resize": "bilinear to the ground-truth size",
-        "flip_average": bool(flip_average),
-        "input_size": list(input_size) if input_size else _processor_size(image_processor),
-        "dataset": dataset_name,
-        "model": model_name,
+        "flip_average": bool(settings.flip_average),
+        "input_size": list(settings.input_size) if settings.input_size else _processor_size(image_processor),
+        "dataset": settings.dataset_name,
+        "model": settings.model_name,
         "num_processes": num_processes,
     }
     return {
@@ -370,8 +321,102 @@ def evaluate(
         "per_image": sorted(accumulator.per_image, key=lambda record: record["name"]),
         "skipped": sorted(skipped),
         "protocol": protocol,
-        "samples": samples,
+        "samples": scoring.samples,
     }
+
+
+class _LocalScoring:
+    """This process's frames: predicted, scored into the accumulator, optionally saved and kept for the panel."""
+
+    def __init__(self, model, image_processor, settings: EvaluationSettings, predict_fn, accumulator, is_main: bool):
+        self.model, self.image_processor, self.settings = model, image_processor, settings
+        self.predict_fn, self.accumulator, self.is_main = predict_fn, accumulator, is_main
+        self.predictions_dir = Path(settings.predictions_dir) if settings.predictions_dir is not None else None
+        if self.predictions_dir is not None:
+            self.predictions_dir.mkdir(parents=True, exist_ok=True)
+        self.skipped: set[str] = set()
+        self.samples: list[dict] = []
+        self.duplicates = 0
+
+    def predict(self, batch: list[dict], gts: list[np.ndarray]) -> list[np.ndarray]:
+        if self.predict_fn is None:
+            return predict_depth(self.model, self.image_processor, [example["image"] for example in batch],
+                                 [g.shape for g in gts], input_size=self.settings.input_size,
+                                 flip_average=self.settings.flip_average)
+        predictions = [np.asarray(p, dtype=np.float32) for p in self.predict_fn(batch)]
+        return [
+            p if p.shape == g.shape else
+            F.interpolate(torch.from_numpy(p)[None, None], size=g.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+            for p, g in zip(predictions, gts)
+        ]
+
+    def score(self, batch: list[dict]):
+        gts = [np.asarray(example["depth"], dtype=np.float32) for example in batch]
+        for example, prediction, gt in zip(batch, self.predict(batch, gts), gts):
+            name = str(example["name"])
+            before = len(self.accumulator)
+            try:
+                self.accumulator.update(prediction, gt, name)
+            except NoValidDepthError:
+                self.skipped.add(name)
+                continue
+            self.duplicates += len(self.accumulator) == before
+            if self.predictions_dir is not None:
+                np.save(self.predictions_dir / f"{safe_frame_filename(name)}.npy", prediction.astype(np.float32))
+            if self.is_main and len(self.samples) < self.settings.num_visual_samples:
+                self.samples.append({"name": name, "image": np.asarray(example["image"].convert("RGB")), "depth": gt,
+                                     "prediction": prediction})
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The model in eval mode, restored to training mode afterwards if it was training."""
+    was_training = getattr(model, "training", False) if model is not None else False
+    if model is not None and hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield
+    finally:
+        if model is not None and was_training:
+            model.train()
+
+
+@contextlib.contextmanager
+def _progress_bar(settings: EvaluationSettings, total: int | None, is_main: bool):
+    disable = not (settings.show_progress and is_main)
+    description = f"evaluate {settings.dataset_name or ''}".strip()
+    with tqdm(total=total, desc=description, unit="img", leave=False, disable=disable) as progress:
+        yield progress
+
+
+def _gathered(accumulator: DepthMetricsAccumulator, skipped: set[str], num_processes: int):
+    """Every process's per-image results merged by frame name (each frame counts once), and all skipped frames."""
+    if num_processes == 1:
+        return accumulator, skipped
+    merged = DepthMetricsAccumulator(min_depth=accumulator.min_depth, max_depth=accumulator.max_depth,
+                                     crop=accumulator.crop)
+    skipped = set(skipped)
+    for part in gather_object([{"records": accumulator.state(), "skipped": sorted(skipped)}]):
+        merged.merge(part["records"])
+        skipped.update(part["skipped"])
+    return merged, skipped
+
+
+def _check_scored(accumulator, skipped: set[str], dataset_name: str | None, valid: str):
+    """Warn about skipped frames; ValueError when no frame at all was scored."""
+    name = dataset_name or "the dataset"
+    if skipped:
+        logger.warning(
+            f"{len(skipped)} frame(s) of {name} have no valid ground-truth pixel ({valid}) and were skipped: "
+            f"{', '.join(sorted(skipped)[:5])}" + (" ..." if len(skipped) > 5 else "")
+        )
+    if len(accumulator) == 0:
+        if skipped:
+            raise ValueError(
+                f"no frame of {name} has a valid ground-truth pixel ({valid}): all {len(skipped)} skipped; is the "
+                "depth range of the model right for this data?"
+            )
+        raise ValueError(f"no frames evaluated: dataset {dataset_name or ''} yielded no examples")
 
 
 def _processor_size(image_processor) -> list[int] | None:
@@ -390,7 +435,7 @@ def save_samples_panel(samples: Sequence[dict], path: str | os.PathLike, title: 
     """RGB | ground truth | prediction | absolute error, one row per sample; depth panels share one colour bar."""
     if not samples:
         return None
-    import matplotlib
+    import matplotlib  # optional dependency: only pictures need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import get_scheduler
 
 
 __all__ = ["create_lr_scheduler", "default_warmup_steps", "parameter_groups"]
@@ -53,8 +54,6 @@ def create_lr_scheduler(
     accelerate steps a prepared scheduler once per process per optimizer step, so both step counts are scaled by
     `num_processes`.
     """
-    from transformers import get_scheduler
-
     return get_scheduler(
         name, optimizer=optimizer,
         num_warmup_steps=num_warmup_steps * num_processes,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,6 @@ COMPLETE_MARKER = "checkpoint_complete.json"
 LOCK_FILE = ".train.lock"
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
-# Test hook: "POINT:STEP" SIGKILLs this process at POINT of step STEP (see `kill_point`).
-KILL_ENV = "MOA_DEPTHCLIP_KILL_AT"
 
 
 class CheckpointError(ValueError):
@@ -52,21 +51,6 @@ class OutputDirInUseError(RuntimeError):
 
 class NonFiniteTrainingError(RuntimeError):
     """Training diverged: a non-finite loss, gradient or weight (the message names the step)."""
-
-
-def kill_point(point: str, step: int):
-    """Signal this process here when `MOA_DEPTHCLIP_KILL_AT` is `POINT:STEP[:SIGNAL]` (fault-injection tests only).
-
-    SIGNAL defaults to SIGKILL. Points: `step` (after the optimizer step), `checkpoint` (files written, not yet
-    complete), `prune` (new checkpoint complete, old ones not yet removed), `best` / `final` (new model folder
-    written, not yet swapped in).
-    """
-    target = os.environ.get(KILL_ENV)
-    if not target:
-        return
-    where, _, signame = target.partition(":")[2].partition(":")
-    if target.split(":", 1)[0] == point and where == str(step):
-        os.kill(os.getpid(), getattr(signal, signame or "SIGKILL"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,6 +72,7 @@ class TrainingProgress:
         self.loss_history: list[list[float]] = []  # [step, loss]
         self.eval_history: list[dict] = []  # {"step", metrics...}
         self.skipped_steps: list[int] = []  # non-finite steps skipped with --on_nonfinite skip
+        self.launch: dict | None = None  # processes, per-device batch, accumulation it was saved with
 
     def state_dict(self) -> dict:
         return {
@@ -97,6 +82,7 @@ class TrainingProgress:
             "loss_history": self.loss_history,
             "eval_history": self.eval_history,
             "skipped_steps": self.skipped_steps,
+            "launch": self.launch,
         }
 
     def load_state_dict(self, state: dict):
@@ -106,6 +92,7 @@ class TrainingProgress:
         self.loss_history = [list(x) for x in state.get("loss_history", [])]
         self.eval_history = [dict(x) for x in state.get("eval_history", [])]
         self.skipped_steps = [int(x) for x in state.get("skipped_steps", [])]
+        self.launch = state.get("launch")
 
     def save(self, folder: Path):
         _write_text(Path(folder) / PROGRESS_FILE, json.dumps(self.state_dict()) + "\n")
@@ -292,13 +279,11 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, progress: Training
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         progress.save(tmp)
-        kill_point("checkpoint", step)
         _fsync_tree(tmp)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         _write_text(tmp / COMPLETE_MARKER, json.dumps({"step": step, "files": files}, indent=1) + "\n")
         _fsync_dir(tmp)
         _swap_in(tmp, final)
-        kill_point("prune", step)
         if total_limit > 0:
             prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
@@ -359,7 +344,6 @@ def save_model_folder(accelerator, model, image_processor, folder: Path, extra: 
         if extra is not None:
             (tmp / "training_info.json").write_text(json.dumps(extra, indent=2) + "\n")
         _fsync_tree(tmp)
-        kill_point(folder.name, int(extra["step"]) if extra and "step" in extra else -1)
         _swap_in(tmp, folder)
     accelerator.wait_for_everyone()
 
@@ -450,7 +434,7 @@ class RunLock:
         return f"pid {holder.get('pid')} on {holder.get('host')}, since {since}"
 
     def acquire(self):
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -545,7 +529,7 @@ def lock_holder(output_dir: Path) -> dict | None:
     if not lock.path.is_file():
         return None
     try:
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken
     except ImportError:  # pragma: no cover - not POSIX
         return None
     try:
@@ -592,8 +576,6 @@ def acquire_run_lock(accelerator, output_dir: Path) -> RunLock | None:
         except OutputDirInUseError as error:
             message = str(error)
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         message = broadcast_object_list([message])[0]
     if message is not None:
         raise OutputDirInUseError(message)
