@@ -147,12 +147,15 @@ def run_settings(model_args, data_args, output_args, rows) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     import datasets
+    import transformers
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
     model_args, data_args, output_args = parse_arguments(argv)
     accelerator = Accelerator(cpu=model_args.cpu)
-    datasets.disable_progress_bars()  # one bar: ours
+    # one progress bar: ours (and an error stays one line)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
     # 1. Input, model and output folder are checked before anything is written.
     try:
@@ -160,12 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             data_args.dataset, split=data_args.split, config_name=data_args.dataset_config,
             image_column=data_args.image_column, streaming=data_args.streaming, depth_format=output_args.depth_format,
         )
-        model, image_processor = load_inference_model(model_args.model, model_args.dtype, accelerator.device)
-        with_uncertainty = predicts_uncertainty(model, image_processor)
-        check_output_columns(rows, output_args.depth_column, with_uncertainty)
         settings = run_settings(model_args, data_args, output_args, rows)
         output = PredictionOutput(output_args.output_dir)
         output.check(settings, output_args.overwrite)
+        check_output_columns(rows, output_args.depth_column, with_uncertainty=False)
+        model, image_processor = load_inference_model(model_args.model, model_args.dtype, accelerator.device)
+        with_uncertainty = predicts_uncertainty(model, image_processor)
+        check_output_columns(rows, output_args.depth_column, with_uncertainty)
     except (DatasetPredictionError, ModelLoadError) as error:
         if accelerator.is_main_process:
             print(f"{PROG}: error: {first_line(error)}", file=sys.stderr)

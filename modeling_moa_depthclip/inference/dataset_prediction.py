@@ -654,10 +654,16 @@ class ShardPredictor:
 
 def map_style_rows(rows: InputRows, shards: Sequence[int], plan: ShardPlan, depth_format: str, batch_size: int,
                    num_workers: int) -> Iterator[PreparedRow]:
-    """The rows of `shards`, in order, read and decoded by `num_workers` DataLoader workers."""
-    indices = [index for shard in shards for index in plan.rows(shard)]
+    """The rows of `shards`, in order, read and decoded by `num_workers` DataLoader workers.
+
+    Batches never cross a shard boundary, so a row meets the same batch whatever the number of processes."""
+    indices, batches = [], []
+    for shard in shards:
+        start = len(indices)
+        indices.extend(plan.rows(shard))
+        batches.extend(list(range(i, min(i + batch_size, len(indices)))) for i in range(start, len(indices), batch_size))
     loader = torch.utils.data.DataLoader(
-        IndexedRows(rows, indices, depth_format), batch_size=batch_size, num_workers=num_workers, collate_fn=list
+        IndexedRows(rows, indices, depth_format), batch_sampler=batches, num_workers=num_workers, collate_fn=list
     )
     for batch in loader:
         yield from batch
