@@ -66,7 +66,6 @@ PROG = Path(__file__).name
 class ModelArguments:
     model: str = field(metadata={"help": "saved model folder or Hugging Face Hub id"})
     dtype: str = field(default="float32", metadata={"choices": DTYPES, "help": "precision of weights and activations"})
-    cpu: bool = field(default=False, metadata={"help": "run on the CPU even if an accelerator is available"})
 
     def __post_init__(self):
         if not self.model.strip():
@@ -80,13 +79,10 @@ class DataArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
     image_column: str | None = field(default=None, metadata={"help": "image column (default: the only one)"})
     streaming: bool = field(default=False, metadata={"help": "read the dataset as a stream (nothing downloaded first)"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader workers reading and decoding images per process"})
 
     def __post_init__(self):
         if not self.dataset.strip():
             raise ValueError("--dataset is empty")
-        if self.num_workers < 0:
-            raise ValueError(f"--num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -97,19 +93,33 @@ class OutputArguments:
     )
     depth_column: str = field(default="depth", metadata={"help": "name of the predicted depth column"})
     shard_size: int = field(default=1000, metadata={"help": "rows per output shard (the unit of resuming)"})
-    batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
     overwrite: bool = field(default=False, metadata={"help": "replace the results of a run already in --output_dir"})
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub dataset repository to upload the result to"})
     private: bool = field(default=False, metadata={"help": "create the Hub repository private"})
 
     def __post_init__(self):
-        for name in ("shard_size", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.shard_size <= 0:
+            raise ValueError(f"--shard_size must be a positive integer, got {self.shard_size}")
         if not self.depth_column.strip():
             raise ValueError("--depth_column is empty")
         if self.push_to_hub is not None and not is_hub_id(self.push_to_hub):
             raise ValueError(f"--push_to_hub {self.push_to_hub!r} is not a Hub repository id (name or namespace/name)")
+
+
+@dataclass
+class RunArguments:
+    batch_size: int = field(default=8, metadata={"help": "images per forward pass"})
+    num_workers: int = field(
+        default=2, metadata={"help": "DataLoader workers reading and decoding images, per process (a stream is read "
+                             "by the process itself)"}
+    )
+    cpu: bool = field(default=False, metadata={"help": "run on the CPU even if an accelerator is available"})
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise ValueError(f"--batch_size must be a positive integer, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"--num_workers must be >= 0, got {self.num_workers}")
 
 
 class OneLineParser(HfArgumentParser):
@@ -120,7 +130,7 @@ class OneLineParser(HfArgumentParser):
 
 
 def parse_arguments(argv: Sequence[str] | None = None):
-    parser = OneLineParser((ModelArguments, DataArguments, OutputArguments), prog=PROG, description=__doc__.split("\n")[0])
+    parser = OneLineParser((ModelArguments, DataArguments, OutputArguments, RunArguments), prog=PROG, description=__doc__.split("\n")[0])
     try:
         return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:  # a __post_init__ check
@@ -151,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    model_args, data_args, output_args = parse_arguments(argv)
-    accelerator = Accelerator(cpu=model_args.cpu)
+    model_args, data_args, output_args, run_args = parse_arguments(argv)
+    accelerator = Accelerator(cpu=run_args.cpu)
     # one progress bar: ours (and an error stays one line)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
@@ -185,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = SharedProgress(output, plan, completed, enabled=accelerator.is_main_process)
     predictor = ShardPredictor(
         model, image_processor, rows, output, output_args.depth_column, output_args.depth_format,
-        output_args.batch_size, with_uncertainty, on_progress=progress.update,
+        run_args.batch_size, with_uncertainty, on_progress=progress.update,
     )
 
     # 3. Each process predicts its share of the shards still to do and commits each shard when complete.
@@ -194,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pending = plan.pending(completed)
         with accelerator.split_between_processes(pending) as shards:
             predictor.run(
-                map_style_rows(rows, shards, plan, output_args.depth_format, output_args.batch_size, data_args.num_workers),
+                map_style_rows(rows, shards, plan, output_args.depth_format, run_args.batch_size, run_args.num_workers),
                 plan.shard_of,
             )
         progress.wait_for(pending)

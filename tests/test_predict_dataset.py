@@ -100,10 +100,13 @@ def read_depths(output_dir: Path, depth_format="png16", column="depth", tmp=None
         "parquet", data_files=str(output_dir / "data" / "*.parquet"), split="train",
         cache_dir=str((tmp or output_dir.parent) / f"cache_{output_dir.name}"),
     )
+    if depth_format == "float16":  # nested lists: as arrays, not Python lists
+        loaded = loaded.with_format("numpy", columns=["row_index", column])
     depths = {}
     for row in loaded:
-        assert row["row_index"] not in depths, f"row {row['row_index']} written twice"
-        depths[row["row_index"]] = decode_depth(row[column], depth_format)
+        index = int(row["row_index"])
+        assert index not in depths, f"row {index} written twice"
+        depths[index] = decode_depth(row[column], depth_format)
     return depths
 
 
@@ -294,3 +297,65 @@ def test_bad_arguments_are_one_line_and_create_nothing(image_folder, checkpoint,
     assert status == 2 and len(error.splitlines()) == 1 and message in error, error
     assert error.startswith("predict_dataset.py: error: ")
     assert not output_dir.exists()
+
+
+def test_a_saved_dataset_keeps_its_columns(image_folder, checkpoint, reference, tmp_path, capsys):
+    """A save_to_disk folder: its image column (named otherwise) is found, every column is kept as stored, and a
+    second image column makes the choice ambiguous (one line) until --image_column names one."""
+    import datasets
+
+    files = [str(image_folder / f"img_{i:04d}.png") for i in range(20)]
+    table = datasets.Dataset.from_dict(
+        {"photo": files, "caption": [f"frame {i}" for i in range(20)], "scene": list(range(20))},
+        features=datasets.Features(
+            {"photo": datasets.Image(), "caption": datasets.Value("string"), "scene": datasets.Value("int32")}
+        ),
+    )
+    table.save_to_disk(str(tmp_path / "saved"))
+    output_dir = tmp_path / "out"
+    assert run_here(*_args(checkpoint, tmp_path / "saved", output_dir)) == 0
+    loaded = datasets.load_dataset("parquet", data_dir=str(output_dir / "data"), split="train",
+                                   cache_dir=str(tmp_path / "cache"))
+    assert loaded.column_names == ["photo", "caption", "scene", "row_index", "depth"]
+    assert loaded.features["scene"] == datasets.Value("int32")
+    for row in loaded:
+        index = row["row_index"]
+        assert row["caption"] == f"frame {index}" and row["scene"] == index
+        with Image.open(files[index]) as original:
+            assert np.array_equal(np.asarray(row["photo"]), np.asarray(original))
+        np.testing.assert_allclose(decode_depth(row["depth"], "png16"), reference[index], atol=MILLIMETRE)
+
+    two = table.add_column("thumbnail", files).cast_column("thumbnail", datasets.Image())
+    two.save_to_disk(str(tmp_path / "two"))
+    capsys.readouterr()
+    assert run_here(*_args(checkpoint, tmp_path / "two", tmp_path / "out2")) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "several image columns ['photo', 'thumbnail']" in error
+    assert run_here(*_args(checkpoint, tmp_path / "two", tmp_path / "out2", "--image_column", "thumbnail")) == 0
+
+
+def test_a_depth_dataset_keeps_its_ground_truth(nyu_sample_dir, checkpoint, tmp_path, capsys):
+    """The shared NYU frames, read by load_depth_dataset: the ground truth is the input's `depth`, so the prediction
+    needs another name; both are written in the chosen format."""
+    args = ["--model", checkpoint, "--dataset", nyu_sample_dir, "--split", "test", "--shard_size", 10,
+            "--num_workers", 0, "--depth_format", "float16"]
+    assert run_here(*args, "--output_dir", tmp_path / "refused") == 2
+    assert "already has a column 'depth'" in capsys.readouterr().err
+    output_dir = tmp_path / "out"
+    assert run_here(*args, "--output_dir", output_dir, "--depth_column", "predicted_depth") == 0
+    gt = read_depths(output_dir, "float16", column="depth")
+    predicted = read_depths(output_dir, "float16", column="predicted_depth")
+    assert len(gt) == len(predicted) == 25
+    for index in gt:
+        assert gt[index].shape == predicted[index].shape == (480, 640)
+        assert 0.5 < np.median(gt[index][gt[index] > 0]) < 10  # NYU indoor depth in metres
+
+
+def test_bfloat16_is_close_to_float32(image_folder, checkpoint, reference, tmp_path):
+    output_dir = tmp_path / "out"
+    assert run_here(*_args(checkpoint, image_folder, output_dir, "--dtype", "bfloat16")) == 0
+    assert json.loads((output_dir / "prediction_settings.json").read_text())["dtype"] == "bfloat16"
+    found = read_depths(output_dir)
+    assert sorted(found) == sorted(reference)
+    for index, depth in reference.items():
+        np.testing.assert_allclose(found[index], depth, rtol=0.05, atol=0.01)

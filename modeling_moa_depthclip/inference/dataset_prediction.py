@@ -67,6 +67,9 @@ SUMMARY_FILE = "summary.json"
 ERRORS_FILE = "errors.jsonl"
 CARD_FILE = "README.md"
 DATA_DIR, ERRORS_DIR, INCOMPLETE_DIR = "data", "errors", ".incomplete"
+# zlib level of the PNGs written: on a 640x480 NYU frame, level 1 encodes the 16-bit depth in 37 ms instead of 195 ms
+# (PIL's default, 6) for 13 % more bytes, and the RGB image in 84 ms instead of 351 ms
+PNG_COMPRESS_LEVEL = 1
 _SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -127,7 +130,7 @@ def encode_depth(depth_metres: np.ndarray, depth_format: str):
         from ..cli.predict import depth_to_millimetres_png
 
         buffer = io.BytesIO()
-        depth_to_millimetres_png(depth_metres).save(buffer, format="PNG")
+        depth_to_millimetres_png(depth_metres).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         return {"bytes": buffer.getvalue(), "path": None}
     if depth_format == "float16":
         return np.asarray(depth_metres, dtype=np.float16)
@@ -333,7 +336,7 @@ def _embedded(value):
 
 def _png_value(image: Image.Image) -> dict:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return {"bytes": buffer.getvalue(), "path": None}
 
 
@@ -567,12 +570,12 @@ class ShardPredictor:
     batch_size: int
     with_uncertainty: bool
     on_progress: Callable[[int], None] = lambda rows_in_open_shard: None
-    shards_written: int = 0
-    rows_written: int = 0
-    rows_failed: int = 0
-    _batch: list = field(default_factory=list)
-    _shard: int | None = None
-    _done: list = field(default_factory=list)
+    shards_written: int = field(default=0, init=False)
+    rows_written: int = field(default=0, init=False)
+    rows_failed: int = field(default=0, init=False)
+    _batch: list = field(default_factory=list, init=False, repr=False)  # rows waiting for the model
+    _done: list = field(default_factory=list, init=False, repr=False)  # rows of the open shard, predicted
+    _shard: int | None = field(default=None, init=False, repr=False)  # the open shard
 
     @property
     def features(self):
