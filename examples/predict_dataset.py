@@ -219,8 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream_rows(rows, plan, completed, output_args.depth_format, accelerator.num_processes, take, counter),
             plan.shard_of,
         )
-        progress.wait_for([])
         stream_length = counter["rows"]
+        progress.wait_for(ShardPlan(output_args.shard_size, stream_length).pending(completed), num_rows=stream_length)
     seconds = time.perf_counter() - start
 
     # 4. The main process gathers what each process did and writes the summary, the errors and the card.

@@ -248,6 +248,10 @@ def test_a_folder_of_another_run_is_refused(image_folder, checkpoint, reference,
     output_dir = tmp_path / "out"
     assert run_here(*_args(checkpoint, image_folder, output_dir)) == 0
     before = sorted(p.name for p in (output_dir / "data").iterdir())
+    # the same command on a finished folder has nothing left to do
+    assert run_here(*_args(checkpoint, image_folder, output_dir)) == 0
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert (summary["this_run"]["rows"], summary["this_run"]["shards_skipped"], summary["written_rows"]) == (0, 13, 199)
     capsys.readouterr()
     assert run_here(*_args(checkpoint, image_folder, output_dir, "--depth_format", "float16")) == 2
     error = capsys.readouterr().err.strip()

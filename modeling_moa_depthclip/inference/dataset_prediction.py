@@ -717,11 +717,18 @@ class SharedProgress:
             self.polled = time.monotonic()
         self.bar.update(max(0, self.disk_rows + self.open_rows - self.bar.n))
 
-    def wait_for(self, shards: Iterable[int], interval: float = 0.5):
-        """Keep the bar moving until `shards` are complete (the other processes' work), then close it."""
+    def wait_for(self, shards: Iterable[int], num_rows: int | None = None, interval: float = 0.5):
+        """Keep the bar moving until `shards` are complete (the other processes' work), then close it. `num_rows`:
+        the length of a stream, known once read (its last shard may be short)."""
+        if num_rows is not None:
+            self.plan = ShardPlan(self.plan.shard_size, num_rows)
         shards = set(shards)
         while self.enabled and not shards <= self.output.completed_shards():
             self.refresh(poll=True)
             time.sleep(interval)
+        self.open_rows = 0
         self.refresh(poll=True)
+        if self.enabled:  # exact at the end (a stream's last shard was counted in full before its length was known)
+            self.bar.n = self.disk_rows
+            self.bar.refresh()
         self.bar.close()
