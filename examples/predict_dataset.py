@@ -12,9 +12,10 @@ dataset id (`--dataset_config`, `--split`, `--streaming`); the image column is f
 when the model predicts it. Read it back with `datasets.load_dataset(OUTPUT_DIR)` or
 `datasets.load_dataset("parquet", data_files=f"{OUTPUT_DIR}/data/*.parquet")`.
 
-Several processes (`accelerate launch --num_processes N`, on GPUs or machines) share the shards still to do. A
-shard (`--shard_size` rows, by row index) is written atomically when complete, so a run stopped at any moment and
-started again with the same command, with any number of processes, finishes the rest with every row exactly once.
+Several processes (`accelerate launch --num_processes N`, on GPUs or machines sharing the output folder) share the
+shards still to do. A shard (`--shard_size` rows, by row index) is written atomically when complete, so a run stopped
+at any moment and started again with the same command, with any number of processes, finishes the rest with every
+row exactly once.
 A folder holding a run with other settings is refused unless `--overwrite`. Unreadable images are listed in
 `errors.jsonl` (row index and reason) and counted in `summary.json`; they do not stop the run.
 
@@ -186,7 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         accelerator.end_training()
         return 2
 
-    # 2. The folder records the settings; the shards already complete are skipped.
+    # 2. The folder records the settings; the shards already complete are skipped. Every process has checked the
+    # folder before the main process writes to it.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output.prepare(settings, output_args.overwrite)
     accelerator.wait_for_everyone()

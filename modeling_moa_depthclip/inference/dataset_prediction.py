@@ -26,6 +26,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -42,19 +43,24 @@ __all__ = [
     "DEPTH_FORMATS",
     "DTYPES",
     "DatasetPredictionError",
+    "IndexedRows",
     "InputRows",
-    "SharedProgress",
-    "check_output_columns",
     "PredictionOutput",
     "PreparedRow",
     "ShardPlan",
     "ShardPredictor",
+    "SharedProgress",
+    "check_output_columns",
     "decode_depth",
     "depth_feature",
     "encode_depth",
     "load_inference_model",
+    "map_style_rows",
     "open_input",
     "predicts_uncertainty",
+    "prepare_row",
+    "push_folder_to_hub",
+    "stream_rows",
 ]
 
 DEPTH_FORMATS = ("png16", "float16")
@@ -577,7 +583,7 @@ class ShardPredictor:
     _done: list = field(default_factory=list, init=False, repr=False)  # rows of the open shard, predicted
     _shard: int | None = field(default=None, init=False, repr=False)  # the open shard
 
-    @property
+    @cached_property
     def features(self):
         import datasets
 
