@@ -309,6 +309,8 @@ def test_a_saved_dataset_keeps_its_columns(image_folder, checkpoint, reference, 
     import datasets
 
     files = [str(image_folder / f"img_{i:04d}.png") for i in range(20)]
+    Image.new("RGB", (4, 4)).save(tmp_path / "tiny.png")  # readable, but too small for the image processor
+    files[5] = str(tmp_path / "tiny.png")
     table = datasets.Dataset.from_dict(
         {"photo": files, "caption": [f"frame {i}" for i in range(20)], "scene": list(range(20))},
         features=datasets.Features(
@@ -322,6 +324,9 @@ def test_a_saved_dataset_keeps_its_columns(image_folder, checkpoint, reference, 
                                    cache_dir=str(tmp_path / "cache"))
     assert loaded.column_names == ["photo", "caption", "scene", "row_index", "depth"]
     assert loaded.features["scene"] == datasets.Value("int32")
+    assert sorted(loaded["row_index"]) == [i for i in range(20) if i != 5]
+    (error,) = [json.loads(line) for line in (output_dir / "errors.jsonl").read_text().splitlines()]
+    assert error["row_index"] == 5 and "4x4 pixels" in error["reason"]
     for row in loaded:
         index = row["row_index"]
         assert row["caption"] == f"frame {index}" and row["scene"] == index
@@ -363,3 +368,25 @@ def test_bfloat16_is_close_to_float32(image_folder, checkpoint, reference, tmp_p
     assert sorted(found) == sorted(reference)
     for index, depth in reference.items():
         np.testing.assert_allclose(found[index], depth, rtol=0.05, atol=0.01)
+
+
+def test_a_hub_dataset_is_read_with_datasets(image_folder, checkpoint, reference, tmp_path, monkeypatch):
+    """A Hub id goes to `datasets.load_dataset` with its configuration, split and streaming flag (offline here: the
+    call is answered by the image folder)."""
+    import datasets
+
+    load, calls = datasets.load_dataset, []
+
+    def hub_load(path, name=None, **kwargs):
+        calls.append((path, name, kwargs))
+        return load("imagefolder", data_dir=str(image_folder), **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_load)
+    output_dir = tmp_path / "out"
+    args = _args(checkpoint, "me/photos", output_dir, "--dataset_config", "small", "--split", "train", "--streaming")
+    assert run_here(*args) == 0
+    assert calls == [("me/photos", "small", {"split": "train", "streaming": True})]
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    assert_complete(output_dir)
+    assert json.loads((output_dir / "prediction_settings.json").read_text())["dataset"] == "me/photos"
+    assert_same_depths(read_depths(output_dir), reference)
