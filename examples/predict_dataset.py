@@ -78,7 +78,7 @@ class DataArguments:
     dataset: str = field(metadata={"help": "image folder, save_to_disk folder, depth dataset or Hub dataset id"})
     split: str = field(default="train", metadata={"help": "split of the dataset"})
     dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
-    image_column: str | None = field(default=None, metadata={"help": "image column (default: the only one)"})
+    image_column: str | None = field(default=None, metadata={"help": "image column (found when the dataset has exactly one)"})
     streaming: bool = field(default=False, metadata={"help": "read the dataset as a stream (nothing downloaded first)"})
 
     def __post_init__(self):
