@@ -78,7 +78,9 @@ class DataArguments:
     dataset: str = field(metadata={"help": "image folder, save_to_disk folder, depth dataset or Hub dataset id"})
     split: str = field(default="train", metadata={"help": "split of the dataset"})
     dataset_config: str | None = field(default=None, metadata={"help": "configuration of a Hub dataset"})
-    image_column: str | None = field(default=None, metadata={"help": "image column (found when the dataset has exactly one)"})
+    image_column: str | None = field(
+        default=None, metadata={"help": "image column (found when the dataset has exactly one)"}
+    )
     streaming: bool = field(default=False, metadata={"help": "read the dataset as a stream (nothing downloaded first)"})
 
     def __post_init__(self):
@@ -131,7 +133,9 @@ class OneLineParser(HfArgumentParser):
 
 
 def parse_arguments(argv: Sequence[str] | None = None):
-    parser = OneLineParser((ModelArguments, DataArguments, OutputArguments, RunArguments), prog=PROG, description=__doc__.split("\n")[0])
+    parser = OneLineParser(
+        (ModelArguments, DataArguments, OutputArguments, RunArguments), prog=PROG, description=__doc__.split("\n")[0]
+    )
     try:
         return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as error:  # a __post_init__ check

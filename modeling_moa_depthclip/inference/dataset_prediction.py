@@ -187,7 +187,9 @@ def _choose_image_column(features, requested: str | None, source: str) -> str:
     candidates = _image_columns(features)
     if requested is not None:
         if requested not in features:
-            raise DatasetPredictionError(f"image column {requested!r} not in dataset {source} (columns: {list(features)})")
+            raise DatasetPredictionError(
+                f"image column {requested!r} not in dataset {source} (columns: {list(features)})"
+            )
         if requested not in candidates:
             raise DatasetPredictionError(
                 f"column {requested!r} of dataset {source} is not an image column ({features[requested]!r})"
@@ -197,7 +199,9 @@ def _choose_image_column(features, requested: str | None, source: str) -> str:
         return candidates[0]
     if not candidates:
         raise DatasetPredictionError(f"dataset {source} has no image column (columns: {list(features)})")
-    raise DatasetPredictionError(f"dataset {source} has several image columns {candidates}: choose one with --image_column")
+    raise DatasetPredictionError(
+        f"dataset {source} has several image columns {candidates}: choose one with --image_column"
+    )
 
 
 def _raw_rows(hf, source: str, split: str, image_column: str | None, streaming: bool) -> InputRows:
@@ -211,7 +215,9 @@ def _raw_rows(hf, source: str, split: str, image_column: str | None, streaming: 
         hf = hf.to_iterable_dataset()
     features = hf.features
     if features is None:
-        raise DatasetPredictionError(f"the stream of dataset {source} does not declare its columns; load it without --streaming")
+        raise DatasetPredictionError(
+            f"the stream of dataset {source} does not declare its columns; load it without --streaming"
+        )
     column = _choose_image_column(features, image_column, source)
     if isinstance(hf, datasets.Dataset) and len(hf) == 0:
         raise DatasetPredictionError(f"dataset {source} (split {split!r}) is empty")
@@ -262,7 +268,9 @@ def open_input(
             return _raw_rows(datasets.load_from_disk(str(path)), label, split, image_column, streaming)
         if kind is SourceKind.SYNTHETIC or (kind in (SourceKind.FILE, SourceKind.FOLDER) and _is_depth_dataset(path)):
             if image_column not in (None, "image"):
-                raise DatasetPredictionError(f"dataset {label} is a depth dataset: its image column is 'image', not {image_column!r}")
+                raise DatasetPredictionError(
+                    f"dataset {label} is a depth dataset: its image column is 'image', not {image_column!r}"
+                )
             dataset = load_depth_dataset(source, split=split, streaming=streaming)
             kept = datasets.Features(
                 {"image": datasets.Image(), "depth": depth_feature(depth_format), "name": datasets.Value("string")}
@@ -290,7 +298,9 @@ def check_output_columns(rows: InputRows, depth_column: str, with_uncertainty: b
         )
     for name in (ROW_INDEX_COLUMN, UNCERTAINTY_COLUMN) if with_uncertainty else (ROW_INDEX_COLUMN,):
         if name in taken or name == depth_column:
-            raise DatasetPredictionError(f"column name {name!r} is taken (dataset {rows.source} or --depth_column): the output needs it")
+            raise DatasetPredictionError(
+                f"column name {name!r} is taken (dataset {rows.source} or --depth_column): the output needs it"
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,7 +362,8 @@ def prepare_row(rows: InputRows, index: int, read: Callable[[], dict], depth_for
         row = read()
         if rows.decoded:
             image = row["image"]
-            values = {"image": _png_value(image), "depth": encode_depth(row["depth"], depth_format), "name": row["name"]}
+            depth = encode_depth(row["depth"], depth_format)
+            values = {"image": _png_value(image), "depth": depth, "name": row["name"]}
         else:
             image = _open_image_value(row[rows.image_column])
             image_names = set(_image_columns(rows.kept_features))
@@ -439,7 +450,9 @@ class PredictionOutput:
                 if not parent.is_dir():
                     raise DatasetPredictionError(f"output folder {self.root} cannot be created: {parent} is a file")
                 if not os.access(parent, os.W_OK) and not self.root.exists():
-                    raise DatasetPredictionError(f"output folder {self.root} cannot be created: {parent} is not writable")
+                    raise DatasetPredictionError(
+                        f"output folder {self.root} cannot be created: {parent} is not writable"
+                    )
                 break
         if not self.root.is_dir() or overwrite:
             return
@@ -448,9 +461,13 @@ class PredictionOutput:
             try:
                 previous = json.loads(settings_file.read_text())
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise DatasetPredictionError(f"{settings_file} is unreadable ({first_line(error)}): pass --overwrite to start over") from None
+                raise DatasetPredictionError(
+                    f"{settings_file} is unreadable ({first_line(error)}): pass --overwrite to start over"
+                ) from None
             differences = [
-                f"{key} {previous.get(key)!r} -> {value!r}" for key, value in settings.items() if previous.get(key) != value
+                f"{key} {previous.get(key)!r} -> {value!r}"
+                for key, value in settings.items()
+                if previous.get(key) != value
             ]
             if differences:
                 raise DatasetPredictionError(
@@ -513,7 +530,9 @@ class PredictionOutput:
         else:
             errors_path.unlink(missing_ok=True)
         table = datasets.Dataset.from_dict(columns, features=features)
-        self._write_atomic(self.data_dir / _shard_name(shard, ".parquet"), write=lambda path: table.to_parquet(str(path)))
+        self._write_atomic(
+            self.data_dir / _shard_name(shard, ".parquet"), write=lambda path: table.to_parquet(str(path))
+        )
 
     # -- end of a run --------------------------------------------------------------------------
 
@@ -647,10 +666,13 @@ class ShardPredictor:
             uncertainty = getattr(outputs, "depth_uncertainty", None)
             if self.with_uncertainty:
                 # the same resizing as the depth: the image processor's
-                uncertainty = self.image_processor.post_process_depth_estimation({"predicted_depth": uncertainty.float()}, sizes)
+                uncertainty = self.image_processor.post_process_depth_estimation(
+                    {"predicted_depth": uncertainty.float()}, sizes
+                )
             for position, row in enumerate(ready):
                 row.values[ROW_INDEX_COLUMN] = row.index
-                row.values[self.depth_column] = encode_depth(depths[position]["predicted_depth"].cpu().numpy(), self.depth_format)
+                depth = depths[position]["predicted_depth"].cpu().numpy()
+                row.values[self.depth_column] = encode_depth(depth, self.depth_format)
                 if self.with_uncertainty:
                     row.values[UNCERTAINTY_COLUMN] = encode_depth(
                         uncertainty[position]["predicted_depth"].cpu().numpy(), self.depth_format
@@ -670,7 +692,8 @@ def map_style_rows(rows: InputRows, shards: Sequence[int], plan: ShardPlan, dept
     for shard in shards:
         start = len(indices)
         indices.extend(plan.rows(shard))
-        batches.extend(list(range(i, min(i + batch_size, len(indices)))) for i in range(start, len(indices), batch_size))
+        stop = len(indices)
+        batches.extend(list(range(i, min(i + batch_size, stop))) for i in range(start, stop, batch_size))
     loader = torch.utils.data.DataLoader(
         IndexedRows(rows, indices, depth_format), batch_sampler=batches, num_workers=num_workers, collate_fn=list
     )
