@@ -882,6 +882,18 @@ def evaluate_floors(results):
     ]
 
 
+def bench_predict_dataset() -> int:
+    """images/s of examples/predict_dataset.py with 1 and 2 processes and batch 1 and 8 (benchmarks/predict_dataset.py,
+    its own script), printed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("predict_dataset_benchmark", Path(__file__).with_name("predict_dataset.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main([])
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (about half the runtime)")
@@ -893,8 +905,14 @@ def main(argv=None) -> int:
         "--only-compile", action="store_true",
         help="only the eager / packed / compiled rows of the default model, printed (BENCHMARKS.md is not written)",
     )
+    parser.add_argument(
+        "--only-predict-dataset", action="store_true",
+        help="only the images/s of examples/predict_dataset.py (1 and 2 processes, batch 1 and 8), printed",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.only_predict_dataset:
+        return bench_predict_dataset()
 
     if args.child:
         kind, *rest = args.child
