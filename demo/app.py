@@ -32,7 +32,7 @@ import gradio as gr
 
 from modeling_moa_depthclip.cli.predict import depth_to_millimetres_png, load_depth_pipeline
 from modeling_moa_depthclip.data import NYU_HFOV_DEG, render_synthetic_scene
-from modeling_moa_depthclip.image_processing_moa_depthclip import ImageLoadError, load_image_file
+from modeling_moa_depthclip.image_processing_moa_depthclip import ImageLoadError, load_image_file, to_rgb8_image
 from modeling_moa_depthclip.geometry.point_cloud import (
     DEFAULT_HFOV_DEG,
     NYU_INTRINSICS,
@@ -183,8 +183,9 @@ class DepthDemo:
             raise gr.Error(str(error).replace(str(image_path), Path(image_path).name)) from None
         if camera not in {value for _, value in CAMERAS}:
             raise gr.Error(f"camera must be one of {[value for _, value in CAMERAS]}, got {camera!r}")
-        rgb = image.convert("RGB")
-        depth = self.pipeline(rgb)["metric_depth"]
+        # the pipeline reads the picture as decoded (16-bit, alpha); the slider and the points show what it saw
+        depth = self.pipeline(image)["metric_depth"]
+        rgb = to_rgb8_image(image)
         model_seconds = time.perf_counter() - started
 
         height, width = depth.shape

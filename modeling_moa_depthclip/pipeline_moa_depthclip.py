@@ -1,13 +1,11 @@
 """The `depth-estimation` pipeline, extended with metric depth as NumPy and a colour-mapped depth image."""
 
-import os
-
 import numpy as np
 import torch
 from transformers import DepthEstimationPipeline
 
 from .configuration_moa_depthclip import MoADepthCLIPConfig
-from .image_processing_moa_depthclip import load_image_file
+from .image_processing_moa_depthclip import to_float_rgb
 from .packed_linear import pack_linear_layers
 from .visualization import colorize_unit_depth, grayscale_unit_depth, normalize_depth
 
@@ -21,7 +19,9 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
     - `depth`: 8-bit greyscale `PIL.Image` (a constant map gives black instead of dividing by zero);
     - `colored_depth`: RGB `PIL.Image`, Turbo colour map, near is red.
 
-    Local image paths are opened with `load_image_file`, so an unreadable file fails with one error naming it.
+    Images are read by the image processor's rule (`to_float_rgb`), not by transformers' `load_image`, whose
+    conversion to 8-bit RGB clips 16-bit pictures and drops alpha: paths (an unreadable file fails with one error
+    naming it), URLs, PIL images of any mode, NumPy arrays and tensors give the depth the processor gives.
 
     `pack_linear_weights` (default: when the model runs in float32 on CPU) installs the CPU fast path of
     `packed_linear` on the model: the same depth up to fp32 rounding, faster, one more copy of the linear weights
@@ -42,9 +42,10 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
             pack_linear_layers(self.model)
 
     def preprocess(self, image, timeout=None):
-        if isinstance(image, (str, os.PathLike)) and not str(image).startswith(("http://", "https://", "data:")):
-            image = load_image_file(image)
-        return super().preprocess(image, timeout=timeout)
+        rgb = to_float_rgb(image, timeout=timeout)
+        model_inputs = self.image_processor(images=rgb, return_tensors="pt").to(self.dtype)
+        model_inputs["target_size"] = rgb.shape[:2]
+        return model_inputs
 
     def postprocess(self, model_outputs):
         outputs = self.image_processor.post_process_depth_estimation(model_outputs, [model_outputs["target_size"]])
