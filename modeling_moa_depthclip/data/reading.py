@@ -157,6 +157,12 @@ def to_rgb_image(image: Any, what: str = "image") -> Image.Image:
     the pipeline does. Accepts what the processor accepts (PIL images, arrays, tensors); errors name `what`."""
     if isinstance(image, (list, tuple)):
         image = np.asarray(image)
+    if isinstance(image, np.ndarray) and image.dtype.kind in "iu" and image.dtype not in (np.uint8, np.uint16):
+        # nested lists of a `datasets` column come back as int64: 8-bit values when they fit, else 16-bit
+        high = int(image.max()) if image.size else 0
+        if image.size and (image.min() < 0 or high > 65535):
+            raise ValueError(f"{what}: integer pixel values must lie in [0, 65535], got [{image.min()}, {high}]")
+        image = image.astype(np.uint8 if high <= 255 else np.uint16)
     try:
         return to_rgb8_image(image)
     except (TypeError, ValueError) as error:
