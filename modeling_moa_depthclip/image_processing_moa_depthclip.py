@@ -191,9 +191,11 @@ def to_float_rgb(image, timeout: float | None = None) -> np.ndarray:
 
 def to_rgb8_image(image, timeout: float | None = None) -> Image.Image:
     """`to_float_rgb` as an 8-bit RGB PIL image (for display, point colours and training data). An upright RGB PIL
-    image is returned as it is."""
+    image is returned as it is, an 8-bit `HxWx3` array converted without a detour through floats."""
     if isinstance(image, Image.Image) and image.mode == "RGB" and image.getexif().get(EXIF_ORIENTATION, 1) == 1:
         return image
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+        return Image.fromarray(np.ascontiguousarray(image), "RGB")  # already 8-bit RGB: PIL copies it
     rgb = to_float_rgb(image, timeout=timeout)
     return Image.fromarray(np.rint(rgb * np.float32(255.0)).astype(np.uint8), "RGB")
 

@@ -192,3 +192,32 @@ def test_the_users_objects_are_not_modified(picture, loaded, files):
     np.testing.assert_array_equal(floats, before[1])
     assert torch.equal(tensor, before[2])
     assert [(i.mode, i.size, i.tobytes(), dict(i.info), dict(i.getexif())) for i in images] == pil_before
+
+
+def test_the_data_loaders_and_the_torch_free_onnx_path_read_pictures_by_the_same_rule(files, picture):
+    from conversion.onnx_inference import pil_to_float_rgb
+    from modeling_moa_depthclip import load_image_file
+    from modeling_moa_depthclip.data.reading import read_rgb_image
+    from modeling_moa_depthclip.image_processing_moa_depthclip import to_float_rgb, to_rgb8_image
+
+    grey = np.asarray(Image.fromarray(picture).convert("L"))
+    in_memory = {
+        "I (16-bit PGM)": Image.fromarray(grey.astype(np.int32) * 257, "I"),
+        "I (8-bit)": Image.fromarray(grey).convert("I"),
+        "F in [0, 1]": Image.fromarray(grey.astype(np.float32) / 255.0, "F"),
+        "F in [0, 255]": Image.fromarray(grey).convert("F"),
+        "1": Image.fromarray(picture).convert("1"),
+        "YCbCr": Image.fromarray(picture).convert("YCbCr"),
+    }
+    images = {name: load_image_file(path) for name, path in files.items()} | in_memory
+    for name, image in images.items():
+        expected = to_float_rgb(image)
+        np.testing.assert_allclose(pil_to_float_rgb(image), expected, atol=1e-6, err_msg=name)
+        if name in files:  # what training and evaluation see: the same picture in 8 bits
+            np.testing.assert_allclose(np.asarray(read_rgb_image(files[name])) / 255.0, expected, atol=0.5 / 255 + 1e-6,
+                                       err_msg=name)  # fmt: skip
+    # greyscale pictures in every integer and float mode are the same picture
+    for name in ("I (16-bit PGM)", "I (8-bit)", "F in [0, 1]", "F in [0, 255]"):
+        np.testing.assert_allclose(to_float_rgb(images[name])[..., 0], grey / 255.0, atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(to_rgb8_image(images["grey16.png"])), np.asarray(
+        Image.fromarray(grey).convert("RGB")))  # fmt: skip
