@@ -221,3 +221,36 @@ def test_the_data_loaders_and_the_torch_free_onnx_path_read_pictures_by_the_same
         np.testing.assert_allclose(to_float_rgb(images[name])[..., 0], grey / 255.0, atol=1e-6, err_msg=name)
     np.testing.assert_array_equal(np.asarray(to_rgb8_image(images["grey16.png"])), np.asarray(
         Image.fromarray(grey).convert("RGB")))  # fmt: skip
+
+
+def test_urls_and_data_uris_are_read_like_files(files, loaded):
+    import base64
+    import functools
+    import http.server
+    import socket
+    import threading
+
+    from modeling_moa_depthclip import ImageLoadError
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(files["grey16.png"].parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    depth_pipeline = loaded[2]
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        for name in ("grey16.png", "rgba.png"):
+            from_file = depth_pipeline(str(files[name]))["metric_depth"]
+            _close(depth_pipeline(f"{base}/{name}")["metric_depth"], from_file, f"{name} by URL")
+        with pytest.raises(ImageLoadError, match=rf"{base}/missing.png: cannot be fetched .*404"):
+            depth_pipeline(f"{base}/missing.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/room.png"
+    with pytest.raises(ImageLoadError, match=f"{closed}: cannot be fetched"):
+        depth_pipeline(closed, timeout=5)
+    uri = "data:image/png;base64," + base64.b64encode(files["grey16.png"].read_bytes()).decode()
+    _close(depth_pipeline(uri)["metric_depth"], depth_pipeline(str(files["grey16.png"]))["metric_depth"], "data URI")
