@@ -233,7 +233,12 @@ def predict(args) -> int:
         _note("nothing to predict; the model was not loaded")
         return 1
 
-    depth_pipeline = load_depth_pipeline(args.model, args.device, args.dtype)
+    from ..loading import ModelLoadError
+
+    try:
+        depth_pipeline = load_depth_pipeline(args.model, args.device, args.dtype)
+    except ModelLoadError as error:
+        _fail(str(error))
     output_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(planned), unit="image", disable=None, file=sys.stderr) as progress:
         for batch in _batches(planned, args.batch_size):
