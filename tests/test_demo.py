@@ -382,6 +382,8 @@ def _check_3d_tab(page, tmp_path, expected_webgl):
     notice = page.locator("#webgl-notice .no-webgl")
     if webgl:
         assert notice.is_hidden() and page.locator("#point-cloud-view").is_visible()
+        page.locator("#point-cloud-view canvas").wait_for(timeout=60_000)  # the viewer draws (software WebGL too)
+        page.wait_for_timeout(3000)  # for the screenshot: the points take a moment to appear
     else:
         notice.wait_for(state="visible", timeout=10_000)
         assert "no WebGL" in notice.inner_text() and "PLY" in notice.inner_text()
