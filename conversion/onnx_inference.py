@@ -38,18 +38,29 @@ _PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampli
 
 
 def pil_to_float_rgb(image: Image.Image) -> np.ndarray:
-    """Any PIL mode -> float32 RGB in [0, 1], `H x W x 3`, as `MoADepthCLIPImageProcessor` converts it."""
+    """Any PIL mode -> float32 RGB in [0, 1], `H x W x 3`, by the rule of the package's `to_float_rgb` (kept here
+    without torch; `tests/test_image_entry_points.py` checks that both agree on every mode)."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         gray = np.asarray(image, dtype=np.float32)
-        scale = 65535.0 if image.mode.startswith("I;16") else max(float(gray.max()), 1.0)
-        return np.repeat(np.clip(gray / scale, 0.0, 1.0)[..., None], 3, axis=-1)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        low, high = (float(gray.min()), float(gray.max())) if gray.size else (0.0, 0.0)
+        if image.mode.startswith("I;16"):
+            scale = 65535.0
+        elif image.mode == "F":
+            if not np.isfinite(gray).all() or low < 0.0 or high > 255.0:
+                raise ValueError(f"mode F image values must lie in [0, 1] (or [0, 255]), got [{low:.3g}, {high:.3g}]")
+            scale = 1.0 if high <= 1.0 else 255.0
+        else:
+            if low < 0 or high > 65535:
+                raise ValueError(f"mode I image values must lie in [0, 65535], got [{low:.0f}, {high:.0f}]")
+            scale = 65535.0 if high > 255 else 255.0
+        return np.repeat((gray / np.float32(scale))[..., None], 3, axis=-1)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    return np.asarray(image, dtype=np.float32) / 255.0
+    return np.asarray(image, dtype=np.float32) / np.float32(255.0)
 
 
 def resize_bilinear(array: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -5,7 +5,9 @@
 One Gradio page: upload an image or pick an example (NYU Depth V2 test frames when the shared sample is found,
 rendered synthetic rooms); it shows the depth in colour with a colour bar in metres, an RGB / depth slider, the
 minimum, median and maximum depth, the depth at a clicked point, the 3D point cloud, and downloads of the 16-bit PNG
-(millimetres), the float32 .npy (metres) and the PLY point cloud. The API endpoint `/predict` takes the image first,
+(millimetres), the float32 .npy (metres) and the PLY point cloud. A new image (uploaded or an example clicked) runs the
+model at once and clears what was read from the previous one; where the browser has no WebGL, the 3D tab says so
+and offers the PLY file. The API endpoint `/predict` takes the image first,
 for `gradio_client`. On a Hugging Face Space the model is the card's `models:` entry (or `$MOA_DEPTHCLIP_MODEL`).
 """
 
@@ -33,7 +35,7 @@ import gradio as gr
 from modeling_moa_depthclip.cli.predict import depth_to_millimetres_png, load_depth_pipeline
 from modeling_moa_depthclip.loading import ModelLoadError
 from modeling_moa_depthclip.data import NYU_HFOV_DEG, render_synthetic_scene
-from modeling_moa_depthclip.image_processing_moa_depthclip import ImageLoadError, load_image_file
+from modeling_moa_depthclip.image_processing_moa_depthclip import ImageLoadError, load_image_file, to_rgb8_image
 from modeling_moa_depthclip.geometry.point_cloud import (
     DEFAULT_HFOV_DEG,
     NYU_INTRINSICS,
@@ -51,6 +53,21 @@ SYNTHETIC_EXAMPLE_SEEDS = (3, 11)
 MAX_PLY_POINTS = NYU_INTRINSICS.width * NYU_INTRINSICS.height
 MAX_VIEW_POINTS = 80_000
 OUTPUT_MAX_AGE_S = 2 * 3600
+CLICK_PROMPT = "Estimate the depth first, then click the depth map."
+# headless browsers and some machines have no WebGL: the 3D viewer would stay blank without a word
+WEBGL_CHECK = """
+const probe = document.createElement("canvas");
+const webgl = !!(window.WebGLRenderingContext && (probe.getContext("webgl2") || probe.getContext("webgl")));
+element.querySelector(".no-webgl").hidden = webgl;
+const viewer = document.getElementById("point-cloud-view");
+if (viewer && !webgl) viewer.style.display = "none";
+"""
+NO_WEBGL_NOTICE = (
+    '<p class="no-webgl" hidden>This browser has no WebGL, so the 3D view cannot be drawn here. Download the point '
+    "cloud below (PLY, metres) and open it in MeshLab, CloudCompare or Blender.</p>"
+)
+# the depth map's toolbar is switched off (`buttons=[]`), but Gradio still draws its empty corner over the map
+PAGE_CSS = "#depth-figure .icon-button-wrapper:not(:has(button)) { display: none; }"
 CAMERAS = [
     ("From the photo's EXIF focal length (else the default field of view)", "auto"),
     ("NYU Depth V2 camera (Kinect v1, 640x480)", "nyu"),
@@ -103,7 +120,7 @@ def depth_figure(depth: np.ndarray, vmin: float, vmax: float) -> Image.Image:
     figure = Image.new("RGB", (width + panel_width, height), "white")
     figure.paste(coloured, (0, 0))
     draw = ImageDraw.Draw(figure)
-    # the top is left free for the image toolbar the page draws over the corner
+    # a margin above and below the bar, so that its end labels are not cut
     top, bottom = int(font_size * 2.5), height - font_size
     bar_left, bar_width = width + font_size, max(12, font_size)
     # far (blue) at the top, near (red) at the bottom, as the map colours them
@@ -184,8 +201,9 @@ class DepthDemo:
             raise gr.Error(str(error).replace(str(image_path), Path(image_path).name)) from None
         if camera not in {value for _, value in CAMERAS}:
             raise gr.Error(f"camera must be one of {[value for _, value in CAMERAS]}, got {camera!r}")
-        rgb = image.convert("RGB")
-        depth = self.pipeline(rgb)["metric_depth"]
+        # the pipeline reads the picture as decoded (16-bit, alpha); the slider and the points show what it saw
+        depth = self.pipeline(image)["metric_depth"]
+        rgb = to_rgb8_image(image)
         model_seconds = time.perf_counter() - started
 
         height, width = depth.shape
@@ -230,10 +248,24 @@ class DepthDemo:
             depth,
         )
 
+    # `predict`'s outputs with nothing in them
+    CLEARED = (None, None, None, None, None, None, None, None, None, "", None)
+
+    def clear(self):
+        """A new image (uploaded, an example, or removed): what was read from the previous one goes, the clicked
+        point's depth with it."""
+        return self.CLEARED + (CLICK_PROMPT,)
+
+    def predict_new_image(self, image_path: str | None, camera: str = "auto", fov_deg: float = DEFAULT_HFOV_DEG):
+        """`predict` for an image that just arrived; a removed image leaves the page cleared."""
+        if not image_path:
+            return self.CLEARED
+        return self.predict(image_path, camera, fov_deg)
+
     @staticmethod
     def depth_at(depth: np.ndarray | None, event: gr.SelectData) -> str:
         if depth is None:
-            return "Estimate the depth first, then click the depth map."
+            return CLICK_PROMPT
         x, y = (int(v) for v in event.index)
         height, width = depth.shape
         if not (0 <= x < width and 0 <= y < height):
@@ -272,23 +304,29 @@ class DepthDemo:
                         visible_columns=[0],
                         cache_examples=False,
                     )  # fmt: skip
-                with gr.Column(scale=3, min_width=420):
+                with gr.Column(scale=3, min_width=300):
                     with gr.Tabs():
                         with gr.Tab("Depth (m)"):
+                            # the caption sits above the map: a label or toolbar drawn over it would hide its top
+                            gr.Markdown("Depth in metres: near is red, far is blue. Click the map to read a point.",
+                                        elem_id="depth-caption")  # fmt: skip
                             figure = gr.Image(
-                                label="Depth in metres (near is red, far is blue); click to read a point",
-                                type="pil", format="png", interactive=False, elem_id="depth-figure",
+                                label="Depth (m)", show_label=False, buttons=[], type="pil", format="png",
+                                interactive=False, elem_id="depth-figure",
                             )  # fmt: skip
-                        with gr.Tab("RGB / depth slider"):
+                        with gr.Tab("RGB | depth"):  # short names: all three fit at phone width
                             slider = gr.ImageSlider(label="Drag the handle: RGB | depth", type="pil", format="png")
-                        with gr.Tab("3D point cloud"):
+                        with gr.Tab("3D"):
                             view = gr.Model3D(
-                                label="Point cloud in metres (drag to orbit, scroll to zoom)",
+                                label="Point cloud (m): drag to orbit",
                                 display_mode="point_cloud", clear_color=(0.1, 0.1, 0.12, 1.0), height=420,
                                 camera_position=(75, 80, None),  # from behind the camera, a little to the side
+                                elem_id="point-cloud-view",
                             )  # fmt: skip
+                            gr.HTML(NO_WEBGL_NOTICE, js_on_load=WEBGL_CHECK, elem_id="webgl-notice")
+                            ply_3d = gr.DownloadButton("Download the point cloud (PLY, m)", elem_id="download-ply-3d")
                     clicked = gr.Textbox(
-                        label="Depth at the clicked point", value="Estimate the depth first, then click the depth map.",
+                        label="Depth at the clicked point", value=CLICK_PROMPT,
                         interactive=False, elem_id="clicked-depth",
                     )  # fmt: skip
                     with gr.Row():
@@ -301,16 +339,19 @@ class DepthDemo:
                         ply = gr.DownloadButton("PLY point cloud (m)", elem_id="download-ply")
                     notes = gr.Textbox(label="Run", interactive=False, elem_id="notes")
             depth_state = gr.State()
-            gr.on(
-                triggers=[run.click, image_input.upload],
-                fn=self.predict,
-                inputs=[image_input, camera, fov],
-                outputs=[figure, slider, low, median, high, png, npy, ply, view, notes, depth_state],
-                api_name="predict",
+            outputs = [figure, slider, low, median, high, png, npy, ply, view, notes, depth_state]
+            predicted = run.click(
+                self.predict, inputs=[image_input, camera, fov], outputs=outputs, api_name="predict",
                 api_description="Metric depth of an image: the depth picture with its colour bar, an RGB/depth pair, "
                 "min/median/max depth in metres, the 16-bit PNG (mm), float32 .npy (m) and PLY files, a 3D preview "
                 "and notes. `camera` is auto, nyu or fov (then `fov_deg` is used).",
             )  # fmt: skip
+            # an upload, a clicked example or a removed image: the previous readings go at once, then the model runs
+            arrived = image_input.change(
+                self.clear, outputs=[*outputs, clicked], queue=False, api_visibility="private"
+            ).then(self.predict_new_image, inputs=[image_input, camera, fov], outputs=outputs, api_visibility="private")
+            for event in (predicted, arrived):
+                event.then(lambda path: path, inputs=[ply], outputs=[ply_3d], queue=False, api_visibility="private")
             figure.select(self.depth_at, inputs=[depth_state], outputs=[clicked], api_visibility="private")
         return demo
 
@@ -364,7 +405,7 @@ def serve(demo: gr.Blocks, host: str, port: int, *, max_queue: int = 32, block: 
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     return demo.launch(
         server_name=host, server_port=port, show_error=True, prevent_thread_lock=not block, quiet=not block,
-        theme=gr.themes.Soft(), footer_links=["api"],
+        theme=gr.themes.Soft(), css=PAGE_CSS, footer_links=["api"],
     )  # fmt: skip
 
 

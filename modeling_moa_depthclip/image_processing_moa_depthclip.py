@@ -1,5 +1,8 @@
 """Image processor for MoA-DepthCLIP: any image in, CLIP-normalised pixels out; depth maps back to image size."""
 
+import base64
+import binascii
+import io
 import os
 import warnings
 
@@ -14,17 +17,39 @@ OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 RESAMPLE_MODES = ("bicubic", "bilinear", "nearest", "area")
 MIN_IMAGE_SIDE = 8
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageLoadError(ValueError):
     """An image file that cannot be used, with the reason and the file named in the message."""
 
 
+URL_PREFIXES = ("http://", "https://")
+DATA_URI_PREFIX = "data:image/"
+
+
+def _decode(source, name: str) -> Image.Image:
+    """Fully decode an image from a path or a byte stream, EXIF orientation applied; one `ImageLoadError` naming
+    `name` for every way it can fail. PIL's decompression-bomb warning is raised as an error: refused, not decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        raise ImageLoadError(f"{name}: refused, larger than PIL's decompression-bomb limit ({error})") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{name}: not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"{name}: truncated or corrupt image ({error})") from None
+    return image
+
+
 def load_image_file(path) -> Image.Image:
     """Open and fully decode an image file, turning every way it can fail into one `ImageLoadError` naming it.
 
-    PIL's decompression-bomb warning is raised as an error too: an image that large is refused, not decoded.
-    """
+    The picture keeps its mode (16-bit, alpha, palette, CMYK): `to_float_rgb` reads every mode by one rule."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ImageLoadError(f"{path}: no such file")
@@ -32,38 +57,80 @@ def load_image_file(path) -> Image.Image:
         raise ImageLoadError(f"{path}: is a directory, not an image file")
     if os.path.getsize(path) == 0:
         raise ImageLoadError(f"{path}: empty file (0 bytes)")
+    return _decode(path, path)
+
+
+def load_image_url(url: str, timeout: float | None = None) -> Image.Image:
+    """Fetch an http(s) image with httpx (the client transformers' `load_image` uses) and decode it like a file,
+    keeping its mode: transformers' `load_image` converts to 8-bit RGB, which clips 16-bit pictures and drops alpha."""
+    import httpx
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                image = ImageOps.exif_transpose(image)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise ImageLoadError(f"{path}: refused, larger than PIL's decompression-bomb limit ({error})") from None
-    except UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageLoadError(f"{path}: truncated or corrupt image ({error})") from None
+        response = httpx.get(url, timeout=timeout, follow_redirects=True)
+        response.raise_for_status()
+    except httpx.HTTPError as error:
+        raise ImageLoadError(f"{url}: cannot be fetched ({error})") from None
+    if not response.content:
+        raise ImageLoadError(f"{url}: empty response (0 bytes)")
+    return _decode(io.BytesIO(response.content), url)
+
+
+def read_image(image, timeout: float | None = None):
+    """The picture an entry point is given, decoded at full fidelity: local paths through `load_image_file`,
+    http(s) URLs through `load_image_url`, `data:image/...;base64,` URIs decoded; PIL images, NumPy arrays and
+    tensors are returned as they are (never modified)."""
+    if isinstance(image, (str, os.PathLike)):
+        text = os.fspath(image)
+        if isinstance(text, str) and text.startswith(URL_PREFIXES):
+            return load_image_url(text, timeout=timeout)
+        if isinstance(text, str) and text.startswith(DATA_URI_PREFIX):
+            name = text[:40] + "..."
+            try:
+                data = base64.b64decode(text.split(",", 1)[1], validate=True)
+            except (IndexError, binascii.Error):
+                raise ImageLoadError(f"{name}: not a base64 data URI") from None
+            return _decode(io.BytesIO(data), name)
+        return load_image_file(text)
     return image
 
 
+def _float_range_scale(values: np.ndarray, what: str) -> float:
+    """The value of full white for float pixels: 1 when they lie in [0, 1], 255 in (1, 255] (PIL's own scale for
+    mode F, as `convert("F")` of an 8-bit image gives); anything else is refused."""
+    if not np.isfinite(values).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low < 0.0 or high > 255.0:
+        raise ValueError(f"{what} values must lie in [0, 1] (or [0, 255] for PIL mode F), got [{low:.3g}, {high:.3g}]")
+    return 1.0 if high <= 1.0 else 255.0
+
+
 def _pil_to_float_rgb(image: Image.Image) -> np.ndarray:
-    """Any PIL mode -> float32 RGB in [0, 1], `H x W x 3`."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # high-bit-depth greyscale: scale by the range its mode can hold, not to 8 bits first
+    """Any PIL mode -> float32 RGB in [0, 1], `H x W x 3` (see `to_float_rgb`)."""
+    image = ImageOps.exif_transpose(image)  # a new image: the caller's is not changed
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         gray = np.asarray(image, dtype=np.float32)
-        scale = 65535.0 if image.mode.startswith("I;16") else max(float(gray.max()), 1.0)
-        gray = np.clip(gray / scale, 0.0, 1.0)
-        return np.repeat(gray[..., None], 3, axis=-1)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        if image.mode.startswith("I;16"):
+            scale = 65535.0
+        elif image.mode == "F":
+            scale = _float_range_scale(gray, "mode F image")
+        else:
+            # 32-bit integers: 16-bit data (PIL opens 16-bit PGM/PPM as mode I) or 8-bit data (`convert("I")`)
+            if gray.size and (gray.min() < 0 or gray.max() > 65535):
+                raise ValueError(f"mode I image values must lie in [0, 65535], got [{gray.min():.0f}, {gray.max():.0f}]")
+            scale = 65535.0 if gray.size and gray.max() > 255 else 255.0
+        return np.repeat((gray / np.float32(scale))[..., None], 3, axis=-1)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         # transparent pixels over white, as transformers' convert_to_rgb does
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.asarray(image, dtype=np.float32) / 255.0
+        try:
+            image = image.convert("RGB")
+        except ValueError as error:
+            raise ValueError(f"image mode {image.mode!r} cannot be read as RGB ({error})") from None
+    return np.asarray(image, dtype=np.float32) / np.float32(255.0)
 
 
 def _array_to_float_rgb(array: np.ndarray) -> np.ndarray:
@@ -77,14 +144,14 @@ def _array_to_float_rgb(array: np.ndarray) -> np.ndarray:
             f"image array of shape {array.shape} is not an image: expected HxW, HxWxC or CxHxW with C in (1, 3, 4)"
         )
     if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
+        array = array.astype(np.float32) / np.float32(255.0)
     elif array.dtype == np.uint16:
-        array = array.astype(np.float32) / 65535.0
+        array = array.astype(np.float32) / np.float32(65535.0)
     elif np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
+        array = array.astype(np.float32)  # a copy: the caller's array is not changed
         if not np.isfinite(array).all():
             raise ValueError("image array contains NaN or infinite values")
-        if array.min() < 0.0 or array.max() > 1.0:
+        if array.size and (array.min() < 0.0 or array.max() > 1.0):
             raise ValueError(
                 f"float image values must lie in [0, 1], got [{array.min():.3g}, {array.max():.3g}]; "
                 "pass uint8 arrays for 0-255 data"
@@ -95,23 +162,42 @@ def _array_to_float_rgb(array: np.ndarray) -> np.ndarray:
         array = np.repeat(array, 3, axis=-1)
     elif array.shape[-1] == 4:
         alpha = array[..., 3:]
-        array = array[..., :3] * alpha + (1.0 - alpha)
+        array = np.clip(array[..., :3] * alpha + (1.0 - alpha), 0.0, 1.0)
     return array
 
 
-def to_float_rgb(image) -> np.ndarray:
+def to_float_rgb(image, timeout: float | None = None) -> np.ndarray:
+    """The one rule that reads a picture, for every entry point: float32 RGB in [0, 1], `H x W x 3`, a new array.
+
+    - paths, http(s) URLs and `data:image/` URIs are read by `read_image`;
+    - PIL images of any mode: EXIF orientation applied; RGBA, LA, PA and palette images with transparency
+      composited over white; 16-bit greyscale (`I;16`) divided by 65535, mode `I` by 65535 when a value exceeds 255
+      (16-bit PGM/PPM) else by 255; mode `F` as is in [0, 1], divided by 255 in (1, 255]; CMYK, YCbCr, palette
+      and 1-bit through PIL's conversion to RGB;
+    - NumPy arrays and torch tensors: `HxW`, `HxWxC` or `CxHxW` with C in (1, 3, 4); uint8 / 255, uint16 / 65535,
+      float as is in [0, 1]; a fourth channel is alpha, composited over white.
+    """
+    image = read_image(image, timeout=timeout)
     if isinstance(image, Image.Image):
-        array = _pil_to_float_rgb(image)
-    elif isinstance(image, torch.Tensor):
-        array = _array_to_float_rgb(image.detach().cpu().numpy())
-    elif isinstance(image, np.ndarray):
-        array = _array_to_float_rgb(image)
-    else:
-        raise TypeError(f"unsupported image type {type(image).__name__}: pass a PIL image, a NumPy array or a tensor")
-    height, width = array.shape[:2]
-    if min(height, width) < MIN_IMAGE_SIDE:
-        raise ValueError(f"image is {height}x{width} pixels; both sides must be at least {MIN_IMAGE_SIDE}")
-    return array
+        return _pil_to_float_rgb(image)
+    if isinstance(image, torch.Tensor):
+        return _array_to_float_rgb(image.detach().cpu().numpy())
+    if isinstance(image, np.ndarray):
+        return _array_to_float_rgb(image)
+    raise TypeError(
+        f"unsupported image type {type(image).__name__}: pass a PIL image, a NumPy array, a tensor, a path or a URL"
+    )
+
+
+def to_rgb8_image(image, timeout: float | None = None) -> Image.Image:
+    """`to_float_rgb` as an 8-bit RGB PIL image (for display, point colours and training data). An upright RGB PIL
+    image is returned as it is, an 8-bit `HxWx3` array converted without a detour through floats."""
+    if isinstance(image, Image.Image) and image.mode == "RGB" and image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return image
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+        return Image.fromarray(np.ascontiguousarray(image), "RGB")  # already 8-bit RGB: PIL copies it
+    rgb = to_float_rgb(image, timeout=timeout)
+    return Image.fromarray(np.rint(rgb * np.float32(255.0)).astype(np.uint8), "RGB")
 
 
 def _flatten_images(images) -> list:
@@ -129,8 +215,9 @@ class MoADepthCLIPImageProcessor(BaseImageProcessor):
     Resizes any image to the model's input size and normalises it with CLIP's mean and std; resizes predicted depth
     back to the original image size.
 
-    Accepts PIL images of any mode (EXIF orientation applied, alpha composited over white, 16-bit greyscale kept at
-    full precision), NumPy arrays and torch tensors (HWC or CHW; uint8, uint16 or float in [0, 1]), single or in
+    Reads every picture by `to_float_rgb`, the rule the pipeline, the CLI and the data loaders share: PIL images of
+    any mode (EXIF orientation applied, alpha composited over white, 16-bit greyscale kept at full precision),
+    NumPy arrays and torch tensors (HWC or CHW; uint8, uint16 or float in [0, 1]), paths and URLs, single or in
     batches of mixed sizes. No torchvision: resizing is `torch.nn.functional.interpolate` with antialiasing.
 
     Args:
@@ -203,7 +290,12 @@ class MoADepthCLIPImageProcessor(BaseImageProcessor):
 
         processed = []
         for image in _flatten_images(images):
-            pixels = torch.from_numpy(np.ascontiguousarray(to_float_rgb(image))).permute(2, 0, 1)
+            rgb = to_float_rgb(image)
+            if min(rgb.shape[:2]) < MIN_IMAGE_SIDE:
+                raise ValueError(
+                    f"image is {rgb.shape[0]}x{rgb.shape[1]} pixels; both sides must be at least {MIN_IMAGE_SIDE}"
+                )
+            pixels = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
             if do_resize and tuple(pixels.shape[-2:]) != (size["height"], size["width"]):
                 antialias = resample in ("bicubic", "bilinear")
                 pixels = F.interpolate(
@@ -249,4 +341,12 @@ class MoADepthCLIPImageProcessor(BaseImageProcessor):
         return results
 
 
-__all__ = ["MoADepthCLIPImageProcessor", "load_image_file", "ImageLoadError"]
+__all__ = [
+    "ImageLoadError",
+    "MoADepthCLIPImageProcessor",
+    "load_image_file",
+    "load_image_url",
+    "read_image",
+    "to_float_rgb",
+    "to_rgb8_image",
+]

@@ -1,11 +1,9 @@
 """The `depth-estimation` pipeline, extended with metric depth as NumPy and a colour-mapped depth image."""
 
-import os
-
 import numpy as np
 from transformers import DepthEstimationPipeline
 
-from .image_processing_moa_depthclip import load_image_file
+from .image_processing_moa_depthclip import to_float_rgb
 from .visualization import colorize_unit_depth, grayscale_unit_depth, normalize_depth
 
 
@@ -18,7 +16,9 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
     - `depth`: 8-bit greyscale `PIL.Image` (a constant map gives black instead of dividing by zero);
     - `colored_depth`: RGB `PIL.Image`, Turbo colour map, near is red.
 
-    Local image paths are opened with `load_image_file`, so an unreadable file fails with one error naming it.
+    Images are read by the image processor's rule (`to_float_rgb`), not by transformers' `load_image`, whose
+    conversion to 8-bit RGB clips 16-bit pictures and drops alpha: paths (an unreadable file fails with one error
+    naming it), URLs, PIL images of any mode, NumPy arrays and tensors give the depth the processor gives.
 
     Reach it with `pipeline("depth-estimation", model=..., pipeline_class=MoADepthCLIPDepthEstimationPipeline)`, or
     from a saved folder's own code with `pipeline("depth-estimation", model=folder, trust_remote_code=True)`. The
@@ -26,9 +26,10 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
     """
 
     def preprocess(self, image, timeout=None):
-        if isinstance(image, (str, os.PathLike)) and not str(image).startswith(("http://", "https://", "data:")):
-            image = load_image_file(image)
-        return super().preprocess(image, timeout=timeout)
+        rgb = to_float_rgb(image, timeout=timeout)
+        model_inputs = self.image_processor(images=rgb, return_tensors="pt").to(self.dtype)
+        model_inputs["target_size"] = rgb.shape[:2]
+        return model_inputs
 
     def postprocess(self, model_outputs):
         outputs = self.image_processor.post_process_depth_estimation(model_outputs, [model_outputs["target_size"]])

@@ -182,3 +182,112 @@ def test_the_pipeline_loader_raises_model_load_error_and_main_prints_one_line(tm
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "missing does not exist" in err
+
+
+# ---------------------------------------------------------------- checks before the model is loaded
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The CLI must not reach the model loader."""
+    from modeling_moa_depthclip.cli import predict
+
+    def refuse(*args, **kwargs):
+        pytest.fail("the model was loaded although the run could be refused first")
+
+    monkeypatch.setattr(predict, "load_depth_pipeline", refuse)
+
+
+def _photo(path, size=(40, 30)):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_an_existing_output_is_refused_before_the_model_is_loaded(no_model, tmp_path, capsys):
+    photo = _photo(tmp_path / "room.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "room_depth.png").write_bytes(b"the user's file")
+    code = main(["predict", str(photo), "--model", str(tmp_path / "no_such_model"), "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "room_depth.png exists (pass --overwrite to replace it)" in err and "the model was not loaded" in err
+    assert "no_such_model" not in err  # the model was never looked at
+    assert (out / "room_depth.png").read_bytes() == b"the user's file"
+
+
+def test_missing_and_unreadable_inputs_are_refused_before_the_model_is_loaded(no_model, tmp_path, capsys):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    code = main(["predict", str(tmp_path / "missing.png"), str(empty), str(text), "--model", "any/hub-id",
+                 "--output-dir", str(tmp_path / "out")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moa-depthclip:")]
+    assert code == 1
+    assert "missing.png: no such file" in err[0] and "empty.png: empty file" in err[1]
+    assert "notes.jpg: not a readable image" in err[2] and "the model was not loaded" in err[3]
+    assert not (tmp_path / "out").exists()  # nothing created either
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--fov", "60"], "add --point-cloud"), (["--intrinsics", "nyu"], "add --point-cloud"),
+     (["--point-cloud", "--fov", "60", "--intrinsics", "nyu"], "not allowed with argument")],
+)
+def test_option_combinations_are_refused_before_the_model_is_loaded(no_model, tmp_path, capsys, options, message):
+    photo = _photo(tmp_path / "room.png")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(photo), "--model", "m", "--output-dir", str(tmp_path / "out"), *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_the_model_is_loaded(no_model, tmp_path, capsys):
+    photo = _photo(tmp_path / "room.png")
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(SystemExit):
+        main(["predict", str(photo), "--model", "m", "--output-dir", str(tmp_path / "out")])
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_problems_are_reported_before_the_model_loads_and_the_rest_runs(checkpoint, tmp_path, capsys, monkeypatch):
+    from modeling_moa_depthclip.cli import predict
+
+    reported_before_loading = []
+    real_loader = predict.load_depth_pipeline
+
+    def loader(*args, **kwargs):
+        reported_before_loading.append(capsys.readouterr().err)
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "load_depth_pipeline", loader)
+    good, broken = _photo(tmp_path / "good.png"), tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    assert main(["predict", str(broken), str(good), "--model", str(checkpoint), "--output-dir",
+                 str(tmp_path / "out")]) == 1
+    assert len(reported_before_loading) == 1 and "broken.png: " in reported_before_loading[0]
+    assert (tmp_path / "out" / "good_depth.npy").is_file() and not (tmp_path / "out" / "broken_depth.npy").exists()
+
+
+def test_a_depth_map_input_is_named_and_ground_truth_beside_photos_is_skipped(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for stem in ("00000", "00001"):
+        _photo(folder / f"{stem}_colors.png")
+        Image.fromarray(np.full((30, 40), 2500, np.uint16)).save(folder / f"{stem}_depth.png")
+    _photo(folder / "holiday_depth.jpg")  # no holiday_colors beside it: a photo with an unlucky name, kept
+    lone_depth = tmp_path / "sensor.png"
+    Image.fromarray(np.full((30, 40), 1800, np.uint16)).save(lone_depth)
+    out = tmp_path / "out"
+    assert main(["predict", str(folder), str(lone_depth), "--model", str(checkpoint), "--output-dir", str(out)]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith("moa-depthclip:")]
+    assert notes == [
+        f"moa-depthclip: note: {folder}: skipped 2 *_depth.* file(s) beside *_colors.* photographs (ground-truth "
+        "depth maps, not photographs)",
+        f"moa-depthclip: warning: {lone_depth} has one 16-bit channel: it looks like a depth map, not a photograph "
+        "(predicting on it anyway)",
+    ]
+    written = sorted(p.name for p in out.glob("*_depth.npy"))
+    assert written == ["00000_colors_depth.npy", "00001_colors_depth.npy", "holiday_depth_depth.npy",
+                       "sensor_depth.npy"]

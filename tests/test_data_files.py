@@ -86,3 +86,36 @@ def test_unreadable_frames_are_named_when_read(tmp_path):
     dataset = load_depth_dataset(tmp_path, "test")
     with pytest.raises(OSError, match="broken_depth.png"):
         dataset[0]
+
+
+def test_a_truncated_depth_png_is_named_when_its_frame_is_read(tmp_path):
+    _frame(tmp_path, "a")
+    rgb = tmp_path / "b_colors.png"
+    depth = tmp_path / "b_depth.png"
+    noise = np.random.default_rng(0).integers(500, 5000, (64, 80), dtype=np.uint16)  # noise: the cut reaches pixels
+    Image.fromarray(np.zeros((64, 80, 3), np.uint8)).save(rgb)
+    Image.fromarray(noise).save(depth)
+    depth.write_bytes(depth.read_bytes()[: depth.stat().st_size // 2])
+    (tmp_path / "index.csv").write_text("a_colors.png,a_depth.png\nb_colors.png,b_depth.png\n")
+    dataset = load_depth_dataset(tmp_path, "test")
+    assert dataset[0]["depth"][0, 0] == pytest.approx(1.5)  # the good frame still reads
+    with pytest.raises(OSError, match=rf"cannot read image {depth}: .*truncated"):
+        dataset[1]
+    with pytest.raises(OSError, match=str(depth)):
+        list(dataset)
+
+
+@pytest.mark.parametrize(
+    "line, fields",
+    [("a_colors.png a_depth.png 518.8579 extra", 4), ("my photo.png a_depth.png 518.8579", 4),
+     ("my photo.png a_depth.png", 3)],
+)
+def test_a_bts_line_with_more_fields_than_the_format_is_reported_with_its_line_number(tmp_path, line, fields):
+    _frame(tmp_path, "a")
+    listing = tmp_path / "nyudepthv2_test_files_with_gt.txt"
+    listing.write_text(f"a_colors.png a_depth.png 518.8579\n{line}\n")
+    with pytest.raises(ValueError) as info:
+        load_depth_dataset(listing, data_root=tmp_path)
+    message = str(info.value)
+    assert f"{listing}:2: line does not fit the format 'rgb depth [focal]'" in message
+    assert f"got {fields} field(s)" in message and "not found" not in message

@@ -234,26 +234,11 @@ def test_page_in_chromium_uploads_reads_a_point_and_downloads_the_png(server, br
     frame = nyu_sample_dir / "00014_colors.png"
     page.set_input_files("#input-image input[type=file]", str(frame))
     started = time.perf_counter()
-    picture = page.locator("#depth-figure img")
-    picture.wait_for(timeout=60_000)
+    _wait_for_result(page)
     image_seconds = time.perf_counter() - started
 
     # click pixel (200, 300) of the depth map: the picture is drawn scaled and centred in its box
-    geometry = picture.evaluate(
-        "img => { const r = img.getBoundingClientRect(); return [r.x, r.y, r.width, r.height, img.naturalWidth,"
-        " img.naturalHeight]; }"
-    )
-    x, y, box_width, box_height, natural_width, natural_height = geometry
-    scale = min(box_width / natural_width, box_height / natural_height)
-    left = x + (box_width - natural_width * scale) / 2
-    top = y + (box_height - natural_height * scale) / 2
-    page.mouse.click(left + 200.5 * scale, top + 300.5 * scale)
-    readout = page.locator("#clicked-depth textarea")
-    page.wait_for_function("() => document.querySelector('#clicked-depth textarea').value.includes(' m at pixel')")
-    match = re.fullmatch(r"(\d+\.\d{3}) m at pixel x=(\d+), y=(\d+)", readout.input_value())
-    assert match, readout.input_value()
-    metres, px, py = float(match[1]), int(match[2]), int(match[3])
-    assert abs(px - 200) <= 2 and abs(py - 300) <= 2
+    metres, px, py = _click_map(page, 200, 300)
 
     with page.expect_download(timeout=60_000) as download_info:
         page.click("#download-png")
@@ -273,3 +258,159 @@ def test_page_in_chromium_uploads_reads_a_point_and_downloads_the_png(server, br
     page.close()
     print(f"page load {load_seconds:.2f} s, one 640x480 frame {image_seconds:.2f} s (tiny model), "
           f"screenshot {screenshot}")  # fmt: skip
+
+
+# what the page draws over or next to the depth map at phone width: nothing may overlap the map itself
+OVERLAPS_JS = """
+() => {
+  const picture = document.querySelector('#depth-figure img');
+  const map = picture.getBoundingClientRect();
+  const component = document.querySelector('#depth-figure');
+  const visible = (el) => {
+    const style = getComputedStyle(el), r = el.getBoundingClientRect();
+    return r.width > 0 && r.height > 0 && style.visibility !== 'hidden' && style.display !== 'none'
+      && parseFloat(style.opacity) > 0;
+  };
+  const overlapping = [];
+  for (const el of document.querySelectorAll('body *')) {
+    if (el === picture || el.contains(picture) || !visible(el)) continue;
+    // inside the image component only its own chrome counts (label, buttons); its frames hold the picture
+    if (component.contains(el) && !el.matches('label, button, [data-testid="block-label"], .icon-button-wrapper'))
+      continue;
+    const r = el.getBoundingClientRect();
+    const x = Math.min(r.right, map.right) - Math.max(r.left, map.left);
+    const y = Math.min(r.bottom, map.bottom) - Math.max(r.top, map.top);
+    if (x > 1 && y > 1) overlapping.push(`${el.tagName.toLowerCase()}#${el.id}.${el.className}`.slice(0, 120));
+  }
+  return {map: [map.left, map.top, map.width, map.height], overlapping,
+          pageWidth: document.documentElement.scrollWidth};
+}
+"""
+
+
+def _wait_for_result(page):
+    """Until the run's notes (written last, with every output) are on the page."""
+    page.wait_for_function("() => document.querySelector('#notes textarea').value.includes(' points')",
+                           timeout=60_000)  # fmt: skip
+    page.locator("#depth-figure img").wait_for(timeout=60_000)
+
+
+def _reading(page) -> str:
+    return page.locator("#clicked-depth textarea").input_value()
+
+
+def _click_map(page, x: int, y: int):
+    picture = page.locator("#depth-figure img")
+    picture.scroll_into_view_if_needed()  # the mouse clicks inside the viewport only
+    geometry = picture.evaluate(
+        "img => { const r = img.getBoundingClientRect(); return [r.x, r.y, r.width, r.height, img.naturalWidth,"
+        " img.naturalHeight]; }"
+    )
+    left, top, box_width, box_height, natural_width, natural_height = geometry
+    scale = min(box_width / natural_width, box_height / natural_height)
+    left += (box_width - natural_width * scale) / 2
+    top += (box_height - natural_height * scale) / 2
+    page.mouse.click(left + (x + 0.5) * scale, top + (y + 0.5) * scale)
+    page.wait_for_function("() => document.querySelector('#clicked-depth textarea').value.includes(' m at pixel')")
+    match = re.fullmatch(r"(\d+\.\d{3}) m at pixel x=(\d+), y=(\d+)", _reading(page))
+    assert match, _reading(page)
+    px, py = int(match[2]), int(match[3])
+    assert abs(px - x) <= 2 and abs(py - y) <= 2  # a screen pixel covers about two image pixels at this width
+    return float(match[1]), px, py
+
+
+def _read_point(page, depth, x, y):
+    """Click the map near pixel (x, y) and check the reading is the depth there."""
+    metres, px, py = _click_map(page, x, y)
+    assert _reading(page) == f"{depth[py, px]:.3f} m at pixel x={px}, y={py}"
+    return metres
+
+
+def test_page_at_phone_width_examples_run_the_model_and_a_new_image_clears_the_reading(server, app, browser,
+                                                                                       tmp_path):
+    page = browser.new_page(viewport={"width": 420, "height": 900}, accept_downloads=True)
+    page.goto(server["url"])
+    page.wait_for_selector("#run", timeout=60_000)
+    examples = {label: row[0] for row, label in server["page"].examples}
+    expected = {label: server["pipeline"](path)["metric_depth"] for label, path in examples.items()
+                if label.startswith("synthetic")}  # fmt: skip
+    first, second = sorted(expected)
+
+    # clicking an example runs the model, as an upload does: no button press
+    page.get_by_text(first, exact=True).click()
+    _wait_for_result(page)
+    assert float(page.locator("#min-depth input").input_value()) == pytest.approx(expected[first].min(), abs=1e-3)
+    _read_point(page, expected[first], 100, 80)
+
+    # the layout holds at 420 px: nothing covers the map, nothing runs off the side of the page
+    layout = page.evaluate(OVERLAPS_JS)
+    screenshot = tmp_path / "demo_420px.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    print(f"screenshot at 420 px: {screenshot}; depth map at {layout['map']}")
+    assert layout["overlapping"] == [], layout
+    assert layout["pageWidth"] <= 420, layout
+    assert layout["map"][2] > 200  # the map is drawn at a readable size
+
+    # another example: the reading that belonged to the first image goes, then the second image's depth arrives
+    page.get_by_text(second, exact=True).click()
+    page.wait_for_function(f"() => document.querySelector('#clicked-depth textarea').value === {app.CLICK_PROMPT!r}",
+                           timeout=60_000)  # fmt: skip
+    page.wait_for_function(
+        f"() => Math.abs(parseFloat(document.querySelector('#min-depth input').value) - {expected[second].min()})"
+        " < 1e-3", timeout=60_000,
+    )  # fmt: skip
+    _read_point(page, expected[second], 100, 80)
+
+    # the 3D tab offers the PLY of the image shown
+    ply = _check_3d_tab(page, tmp_path, expected_webgl=None)
+    _, records = _read_ply(ply)
+    height, width = expected[second].shape
+    assert len(records) == height * width
+    np.testing.assert_allclose(np.sort(records["z"]), np.sort(expected[second].ravel()), rtol=1e-5)
+    page.close()
+
+
+def _check_3d_tab(page, tmp_path, expected_webgl):
+    """Open the 3D tab: the viewer where the browser has WebGL; a notice, and no blank viewer, where it has not.
+    Either way the tab's button downloads the PLY; returns its path."""
+    page.get_by_role("tab", name="3D", exact=True).click()
+    webgl = page.evaluate(
+        "() => { const c = document.createElement('canvas'); return !!(c.getContext('webgl2') || c.getContext('webgl')); }"
+    )
+    if expected_webgl is not None:
+        assert webgl == expected_webgl
+    notice = page.locator("#webgl-notice .no-webgl")
+    if webgl:
+        assert notice.is_hidden() and page.locator("#point-cloud-view").is_visible()
+        page.locator("#point-cloud-view canvas").wait_for(timeout=60_000)  # the viewer draws (software WebGL too)
+        page.wait_for_timeout(3000)  # for the screenshot: the points take a moment to appear
+    else:
+        notice.wait_for(state="visible", timeout=10_000)
+        assert "no WebGL" in notice.inner_text() and "PLY" in notice.inner_text()
+        assert page.locator("#point-cloud-view").is_hidden()
+    screenshot = tmp_path / f"demo_3d_tab_webgl_{'on' if webgl else 'off'}.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    print(f"3D tab, WebGL {'available' if webgl else 'missing'}: {screenshot}")
+    with page.expect_download(timeout=60_000) as download_info:
+        page.click("#download-ply-3d")
+    ply = tmp_path / f"points_webgl_{'on' if webgl else 'off'}.ply"
+    download_info.value.save_as(ply)
+    return ply
+
+
+def test_without_webgl_the_3d_tab_says_so_and_offers_the_ply(server, browser, tmp_path):
+    # WebGL switched off, as on machines and headless browsers without a GPU or software fallback
+    no_webgl = browser.browser_type.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, "--disable-3d-apis"])
+    try:
+        page = no_webgl.new_page(viewport={"width": 420, "height": 900}, accept_downloads=True)
+        page.goto(server["url"])
+        page.wait_for_selector("#run", timeout=60_000)
+        label, path = next((label, row[0]) for row, label in server["page"].examples if label.startswith("synthetic"))
+        page.get_by_text(label, exact=True).click()
+        _wait_for_result(page)
+        ply = _check_3d_tab(page, tmp_path, expected_webgl=False)
+        _, records = _read_ply(ply)
+        expected = server["pipeline"](path)["metric_depth"]
+        np.testing.assert_allclose(np.sort(records["z"]), np.sort(expected.ravel()), rtol=1e-5)
+    finally:
+        no_webgl.close()

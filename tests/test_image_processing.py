@@ -96,7 +96,9 @@ def test_batches_of_mixed_sizes_and_known_normalisation():
         (np.full((16, 16, 3), 2.0, dtype=np.float32), r"\[0, 1\]"),
         (np.zeros((16, 16, 2), dtype=np.uint8), "not an image"),
         (np.zeros((16, 16, 3), dtype=np.int64), "dtype int64"),
-        ("not an image", "unsupported image type"),
+        (42, "unsupported image type int"),
+        ("no/such/picture.png", "no/such/picture.png: no such file"),
+        (np.full((16, 16), 300.0, dtype=np.float32), r"\[0, 1\]"),
     ],
 )
 def test_bad_arrays_get_one_clear_error(bad, message):

@@ -7,8 +7,13 @@
 
 Per image it writes `<stem>_depth.png` (uint16, millimetres: the NYU convention), `<stem>_depth.npy` (float32,
 metres) and `<stem>_depth_color.png` (Turbo colour map, near is red); with `--point-cloud` also `<stem>_points.ply`
-(coloured points in metres). A folder stands for its image files, sorted by name. A bad image is reported in one
-line and skipped; the others are still processed. A model that cannot be loaded is one line naming it and why.
+(coloured points in metres). A folder stands for its image files, sorted by name; its `X_depth.*` files beside
+`X_colors.*` (a dataset's ground truth, as in NYU Depth V2 folders) are skipped with one line saying so.
+
+Everything that can be checked is checked before the model is loaded: option combinations, outputs that exist,
+name clashes and every input image (decoded once). A bad image is reported in one line and skipped; the others
+are still processed. An image with one 16-bit channel is named in a warning: it looks like a depth map, not a
+photograph. A model that cannot be loaded is one line naming it and why.
 """
 
 import argparse
@@ -38,6 +43,10 @@ def _fail(message: str, code: int = 2):
 
 def _report(message: str):
     print(f"moa-depthclip: error: {message}", file=sys.stderr)
+
+
+def _note(message: str, kind: str = "note"):
+    print(f"moa-depthclip: {kind}: {message}", file=sys.stderr)
 
 
 def load_depth_pipeline(model: str, device: str | None = None, dtype: str | None = None):
@@ -118,15 +127,22 @@ def outputs_for(args) -> list[Output]:
 # inputs
 
 
+def _ground_truth_depth_files(images: list[Path]) -> set[Path]:
+    """`X_depth.*` files beside an `X_colors.*` file: a dataset's depth maps next to its photographs."""
+    photographed = {image.stem[: -len("_colors")] for image in images if image.stem.endswith("_colors")}
+    return {image for image in images if image.stem.endswith("_depth") and image.stem[: -len("_depth")] in photographed}
+
+
 def expand_inputs(inputs: list[str], output_dir: Path, output_suffixes) -> tuple[list[str], int]:
     """Files as given and folders as their image files sorted by name; returns the paths and how many inputs failed.
 
-    Files this command wrote into an input folder (when it is also the output folder) are not inputs."""
+    Files this command wrote into an input folder (when it is also the output folder) are not inputs, and neither
+    are ground-truth `X_depth.*` files beside `X_colors.*` photographs (one line says how many were skipped)."""
     paths, failures = [], 0
     for entry in inputs:
         folder = Path(entry)
         if not folder.is_dir():
-            paths.append(entry)  # a missing or unreadable file is reported when it is opened
+            paths.append(entry)  # a missing or unreadable file is reported when it is checked
             continue
         own_outputs = folder.resolve() == output_dir.resolve()
         images = sorted(
@@ -134,11 +150,23 @@ def expand_inputs(inputs: list[str], output_dir: Path, output_suffixes) -> tuple
             if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES
             and not (own_outputs and child.name.endswith(tuple(output_suffixes)))
         )
+        ground_truth = _ground_truth_depth_files(images)
+        if ground_truth:
+            _note(f"{entry}: skipped {len(ground_truth)} *_depth.* file(s) beside *_colors.* photographs "
+                  "(ground-truth depth maps, not photographs)")  # fmt: skip
+            images = [image for image in images if image not in ground_truth]
         if not images:
             _report(f"folder {entry} has no image files ({', '.join(IMAGE_SUFFIXES)})")
             failures += 1
         paths.extend(str(image) for image in images)
     return paths, failures
+
+
+def looks_like_depth_map(image: Image.Image) -> bool:
+    """One 16-bit channel: how depth sensors and datasets store depth (millimetres), rarely a photograph."""
+    if image.mode.startswith("I;16"):
+        return True
+    return image.mode == "I" and image.getextrema()[1] > 255  # PIL opens 16-bit PGM as mode I
 
 
 def _batches(items: list, size: int):
@@ -150,19 +178,10 @@ def _batches(items: list, size: int):
 # predict
 
 
-def predict(args) -> int:
-    from tqdm.auto import tqdm
-
-    if (args.fov is not None or args.intrinsics is not None) and not args.point_cloud:
-        _fail("--fov and --intrinsics describe the camera for --point-cloud; add --point-cloud")
-    output_dir = Path(args.output_dir)
-    outputs = outputs_for(args)
-    paths, failures = expand_inputs(args.images, output_dir, [output.suffix for output in outputs])
-    depth_pipeline = load_depth_pipeline(args.model, args.device, args.dtype)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    # what would be written, decided before any work: a clash or an existing file skips that image
-    planned, stems_seen = [], set()
+def plan_outputs(paths: list[str], output_dir: Path, outputs, overwrite: bool) -> tuple[list, int]:
+    """`[(image path, output paths)]` to write and how many inputs were refused: a name another input has, or an
+    output that exists without `overwrite` (the user's file is kept)."""
+    planned, failures, stems_seen = [], 0, set()
     for image_path in paths:
         stem = Path(image_path).stem
         targets = [output_dir / f"{stem}{output.suffix}" for output in outputs]
@@ -172,17 +191,56 @@ def predict(args) -> int:
             continue
         stems_seen.add(stem)
         existing = [str(t) for t in targets if t.exists()]
-        if existing and not args.overwrite:
+        if existing and not overwrite:
             _report(f"{existing[0]} exists (pass --overwrite to replace it); skipped {image_path}")
             failures += 1
             continue
         planned.append((image_path, targets))
+    return planned, failures
 
+
+def check_inputs(planned: list) -> tuple[list, int]:
+    """The planned images that decode, each opened once before the model is loaded; a bad one is one line."""
+    readable, failures = [], 0
+    for image_path, targets in planned:
+        try:
+            image = load_image_file(image_path)
+        except ImageLoadError as error:
+            _report(str(error))
+            failures += 1
+            continue
+        if looks_like_depth_map(image):
+            _note(f"{image_path} has one 16-bit channel: it looks like a depth map, not a photograph "
+                  "(predicting on it anyway)", kind="warning")  # fmt: skip
+        readable.append((image_path, targets))
+    return readable, failures
+
+
+def predict(args) -> int:
+    from tqdm.auto import tqdm
+
+    # everything that can be refused is refused before the model is loaded (a Hub id downloads first)
+    if (args.fov is not None or args.intrinsics is not None) and not args.point_cloud:
+        _fail("--fov and --intrinsics describe the camera for --point-cloud; add --point-cloud")
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        _fail(f"--output-dir {output_dir} is a file, not a folder")
+    outputs = outputs_for(args)
+    paths, failures = expand_inputs(args.images, output_dir, [output.suffix for output in outputs])
+    planned, refused = plan_outputs(paths, output_dir, outputs, args.overwrite)
+    planned, unreadable = check_inputs(planned)
+    failures += refused + unreadable
+    if not planned:
+        _note("nothing to predict; the model was not loaded")
+        return 1
+
+    depth_pipeline = load_depth_pipeline(args.model, args.device, args.dtype)  # main() reports a ModelLoadError
+    output_dir.mkdir(parents=True, exist_ok=True)
     with tqdm(total=len(planned), unit="image", disable=None, file=sys.stderr) as progress:
         for batch in _batches(planned, args.batch_size):
             loaded = []
             for image_path, targets in batch:
-                try:
+                try:  # checked above; a file changed since is still one line
                     loaded.append((image_path, targets, load_image_file(image_path)))
                 except ImageLoadError as error:
                     _report(str(error))

@@ -127,6 +127,14 @@ def _resolve(entry: str, bases: Sequence[Path]) -> tuple[Path | None, str]:
     return None, _strip_ext(relative)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _strip_ext(text: str) -> str:
     return re.sub(r"\.[^./]+$", "", text)
 
@@ -198,8 +206,12 @@ def read_bts_list(
             fields = line.split()
             if not fields:
                 continue
-            if len(fields) < 2:
-                raise ValueError(f"{list_file}:{line_no}: expected 'rgb depth [focal]', got {line.strip()!r}")
+            if not 2 <= len(fields) <= 3 or (len(fields) == 3 and not _is_number(fields[2])):
+                # a path with a space in it splits into more fields: the format cannot hold it
+                raise ValueError(
+                    f"{list_file}:{line_no}: line does not fit the format 'rgb depth [focal]' (2 or 3 fields "
+                    f"separated by spaces, the focal length a number), got {len(fields)} field(s): {line.strip()!r}"
+                )
             if fields[1] != "None":
                 rows.append((line_no, fields))
     if not rows:

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..image_processing_moa_depthclip import to_rgb8_image
+
 __all__ = [
     "DEPTH_UNITS",
     "PLAUSIBLE_DEPTH_METRES",
@@ -150,20 +152,21 @@ def sanitize_depth(depth: Any, min_depth: float | None = None, max_depth: float 
 
 
 def to_rgb_image(image: Any, what: str = "image") -> Image.Image:
-    """A PIL RGB image from a PIL image or an [H, W, 3|4] / [H, W] array (floats in [0, 1])."""
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4):
-        raise ValueError(f"{what}: expected an RGB image [H, W, 3], got array of shape {array.shape}")
-    if array.dtype != np.uint8:
-        scale = 255.0 if np.issubdtype(array.dtype, np.floating) else 1.0
-        array = np.clip(array.astype(np.float32) * scale + (0.5 if scale > 1 else 0.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(array[..., :3])).convert("RGB")
+    """An 8-bit RGB PIL image by the image processor's reading rule (`to_float_rgb`: 16-bit and float pictures
+    scaled, alpha composited over white, EXIF orientation applied), so training and evaluation see a picture as
+    the pipeline does. Accepts what the processor accepts (PIL images, arrays, tensors); errors name `what`."""
+    if isinstance(image, (list, tuple)):
+        image = np.asarray(image)
+    if isinstance(image, np.ndarray) and image.dtype.kind in "iu" and image.dtype not in (np.uint8, np.uint16):
+        # nested lists of a `datasets` column come back as int64: 8-bit values when they fit, else 16-bit
+        high = int(image.max()) if image.size else 0
+        if image.size and (image.min() < 0 or high > 65535):
+            raise ValueError(f"{what}: integer pixel values must lie in [0, 65535], got [{image.min()}, {high}]")
+        image = image.astype(np.uint8 if high <= 255 else np.uint16)
+    try:
+        return to_rgb8_image(image)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{what}: {error}") from None
 
 
 def make_example(
@@ -204,8 +207,9 @@ def open_image(path: str | os.PathLike) -> Image.Image:
 
 
 def read_rgb_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image file as RGB, with an error naming the file if it is missing or unreadable."""
-    return open_image(path).convert("RGB")
+    """Read an image file as 8-bit RGB by `to_rgb_image`, with an error naming the file if it is missing or
+    unreadable."""
+    return to_rgb_image(open_image(path), what=os.fspath(path))
 
 
 def depth_image_array(image: Image.Image, where: str) -> np.ndarray:

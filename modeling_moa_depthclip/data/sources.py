@@ -134,8 +134,10 @@ def depth_dataset_from_files(
     names = list(names) if names is not None else [Path(a).stem for a, _ in pairs]
     if len(names) != len(pairs):
         raise ValueError(f"got {len(names)} names for {len(pairs)} file pairs")
-    features = datasets.Features({"image": datasets.Image(), "depth": datasets.Image(), "name": datasets.Value("string")})
-    # Image values given as paths are stored as {"path", "bytes": None}: the table holds paths, not pixels.
+    # Image values given as paths are stored as {"path", "bytes": None}: the table holds paths, not pixels. They are
+    # decoded by the decoding transform, not by `datasets`, so that a truncated or corrupt file is named in the error.
+    stored = datasets.Image(decode=False)
+    features = datasets.Features({"image": stored, "depth": stored, "name": datasets.Value("string")})
     table = datasets.Dataset.from_dict(
         {"image": [a for a, _ in pairs], "depth": [b for _, b in pairs], "name": names}, features=features
     )

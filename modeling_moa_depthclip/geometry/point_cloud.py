@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..image_processing_moa_depthclip import to_rgb8_image
+
 
 __all__ = [
     "DEFAULT_HFOV_DEG",
@@ -218,7 +220,7 @@ def depth_to_point_cloud(
     colors = None
     if image is not None:
         if isinstance(image, Image.Image):
-            picture = image.convert("RGB")
+            picture = to_rgb8_image(image)  # the model's reading of the picture: 16-bit, alpha, EXIF
             if picture.size != (width, height):
                 picture = picture.resize((width, height), Image.BILINEAR)
             rgb = np.asarray(picture)
