@@ -26,6 +26,7 @@ from transformers.modeling_outputs import DepthEstimatorOutput
 
 from .configuration_moa_depthclip import MoADepthCLIPConfig
 from .losses import DepthLoss, depth_bin_centers, depth_bin_edges  # noqa: F401  (depth_bin_edges: importable here)
+from .uncertainty import depth_uncertainty_from_logits
 
 
 @dataclass
@@ -41,6 +42,9 @@ class MoADepthCLIPDepthEstimatorOutput(DepthEstimatorOutput):
     fusion_weight (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width)`):
         Per-pixel weight of the classification branch in the fused depth.
     bin_logits (`torch.FloatTensor` of shape `(batch_size, num_depth_bins, grid_height, grid_width)`)
+    depth_uncertainty (`torch.FloatTensor` of shape `(batch_size, height, width)`, *optional*):
+        Standard deviation in metres of the per-pixel bin distribution, upsampled like `predicted_depth`; None for
+        `head="regression"` (no bins).
     router_probs (`torch.FloatTensor` of shape `(batch_size, num_moa_layers, num_experts)`):
         Mean gate of each expert over the image's tokens, per MoA layer.
     prompt_probs (`torch.FloatTensor` of shape `(batch_size, num_prompts)`):
@@ -55,6 +59,7 @@ class MoADepthCLIPDepthEstimatorOutput(DepthEstimatorOutput):
     regression_depth: torch.FloatTensor | None = None
     fusion_weight: torch.FloatTensor | None = None
     bin_logits: torch.FloatTensor | None = None
+    depth_uncertainty: torch.FloatTensor | None = None
     router_probs: torch.FloatTensor | None = None
     prompt_probs: torch.FloatTensor | None = None
     router_aux_loss: torch.FloatTensor | None = None
@@ -572,6 +577,10 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
         depth, classification, regression, weight, bin_logits = self.head(features)
         predicted_depth = F.interpolate(depth.unsqueeze(1), size=(height, width), mode="bilinear").squeeze(1)
         predicted_depth = predicted_depth.clamp(self.config.min_depth, self.config.max_depth)
+        depth_uncertainty = None
+        if bin_logits is not None:
+            centers = depth_bin_centers(self.config, device=bin_logits.device)
+            depth_uncertainty = depth_uncertainty_from_logits(bin_logits, centers, (height, width))
 
         router_probs = torch.stack([g.mean(dim=1) for g in gates_per_layer], dim=1) if gates_per_layer else None
 
@@ -591,6 +600,7 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
             regression_depth=regression,
             fusion_weight=weight,
             bin_logits=bin_logits,
+            depth_uncertainty=depth_uncertainty,
             router_probs=router_probs,
             prompt_probs=prompt_probs,
             router_aux_loss=loss_output.router_aux_loss if loss_output is not None else None,
@@ -624,6 +634,9 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             classification_depth=depth,
             bin_logits=prompt_logits,
+            depth_uncertainty=depth_uncertainty_from_logits(
+                prompt_logits, self.config.depthclip_bin_depths, (height, width)
+            ),
             loss_components=loss_output.components if loss_output is not None else None,
             valid_label_mask=loss_output.valid_mask if loss_output is not None else None,
         )

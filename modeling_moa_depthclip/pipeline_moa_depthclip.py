@@ -9,7 +9,7 @@ from transformers import DepthEstimationPipeline
 from .configuration_moa_depthclip import MoADepthCLIPConfig
 from .image_processing_moa_depthclip import load_image_file
 from .packed_linear import pack_linear_layers
-from .visualization import colorize_unit_depth, grayscale_unit_depth, normalize_depth
+from .visualization import colorize_uncertainty, colorize_unit_depth, grayscale_unit_depth, normalize_depth
 
 
 class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
@@ -19,7 +19,10 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
     - `predicted_depth`: `torch.Tensor` `(height, width)` at the input image's size (metres for MoA-DepthCLIP);
     - `metric_depth`: the same as a float32 NumPy array;
     - `depth`: 8-bit greyscale `PIL.Image` (a constant map gives black instead of dividing by zero);
-    - `colored_depth`: RGB `PIL.Image`, Turbo colour map, near is red.
+    - `colored_depth`: RGB `PIL.Image`, Turbo colour map, near is red;
+    - for a model with depth bins (every head but `"regression"`): `uncertainty`, the standard deviation of the
+      per-pixel bin distribution in metres as a float32 NumPy array at the image's size, and `colored_uncertainty`,
+      an RGB `PIL.Image` of it (Turbo from 0 m, blue, to its largest value, red).
 
     Local image paths are opened with `load_image_file`, so an unreadable file fails with one error naming it.
 
@@ -53,14 +56,17 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
             depth = output["predicted_depth"].detach().float().cpu()
             array = depth.numpy().astype(np.float32)
             unit = normalize_depth(array)
-            formatted.append(
-                {
-                    "predicted_depth": depth,
-                    "metric_depth": array,
-                    "depth": grayscale_unit_depth(unit),
-                    "colored_depth": colorize_unit_depth(unit),
-                }
-            )
+            result = {
+                "predicted_depth": depth,
+                "metric_depth": array,
+                "depth": grayscale_unit_depth(unit),
+                "colored_depth": colorize_unit_depth(unit),
+            }
+            if output.get("uncertainty") is not None:
+                uncertainty = output["uncertainty"].detach().float().cpu().numpy().astype(np.float32)
+                result["uncertainty"] = uncertainty
+                result["colored_uncertainty"] = colorize_uncertainty(uncertainty)
+            formatted.append(result)
         return formatted[0] if len(formatted) == 1 else formatted
 
 

@@ -1,0 +1,43 @@
+"""Per-pixel uncertainty of a binned depth head: the standard deviation of its bin distribution, in metres.
+
+A head that classifies depth into bins (the hybrid and classification heads' `num_depth_bins` bins, the zero-shot
+DepthCLIP head's prompt depths) predicts, for every pixel, a probability `p_k` for each bin centre `c_k`. Its
+expected depth is `mu = sum_k p_k c_k`; the spread of that distribution,
+`sigma = sqrt(sum_k p_k (c_k - mu)^2)`, is large where the head hesitates between near and far (edges, glass,
+far walls) and near zero where one bin takes all the mass. It costs one more weighted sum over the bins.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def bin_distribution_std(probs: torch.Tensor, centers: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Standard deviation (in the unit of `centers`, metres) of the bin distribution `probs` along `dim`.
+
+    `probs` sums to one along `dim` (a softmax); `centers` holds one depth per bin. Computed as the spread around the
+    mean rather than `E[c^2] - E[c]^2`, which cancels catastrophically in float32 for a peaked distribution.
+    """
+    if probs.shape[dim] != centers.numel():
+        raise ValueError(f"probs has {probs.shape[dim]} bins along dim {dim}, centers has {centers.numel()}")
+    shape = [1] * probs.dim()
+    shape[dim] = -1
+    centers = centers.to(device=probs.device, dtype=probs.dtype).view(shape)
+    mean = (probs * centers).sum(dim=dim, keepdim=True)
+    variance = (probs * (centers - mean) ** 2).sum(dim=dim)
+    return variance.clamp_min(0.0).sqrt()
+
+
+def depth_uncertainty_from_logits(bin_logits: torch.Tensor, centers, size: tuple[int, int]) -> torch.Tensor:
+    """`bin_logits` `(batch, bins, h, w)` -> the bin distribution's standard deviation `(batch, *size)` in metres,
+    upsampled bilinearly like the model's `predicted_depth`."""
+    centers = torch.as_tensor(centers, dtype=torch.float32, device=bin_logits.device)
+    std = bin_distribution_std(bin_logits.float().softmax(dim=1), centers, dim=1)
+    return F.interpolate(std.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def has_depth_bins(config) -> bool:
+    """Whether a model of this configuration predicts a bin distribution (every head but `"regression"`)."""
+    return getattr(config, "head", None) != "regression"
+
+
+__all__ = ["bin_distribution_std", "depth_uncertainty_from_logits", "has_depth_bins"]
