@@ -18,8 +18,10 @@ Protocol (the one of the BTS / AdaBins / DenseDepth NYU evaluation code):
 
 Writes to `--output_dir` (checked before any work): `metrics.json` (the metrics, `num_images`, the skipped frames
 and the `protocol`), `metrics.md`,
-`per_image_metrics.csv`, `samples.png` (RGB | ground truth | prediction | absolute error for a few frames) and,
-with `--save_predictions`, one float32 `.npy` in metres per frame under `predictions/`.
+`per_image_metrics.csv`, `samples.png` (RGB | ground truth | prediction | absolute error for a few frames),
+with `--save_predictions` one float32 `.npy` in metres per frame under `predictions/`, and with `--uncertainty` the
+sparsification curves of the model's per-pixel uncertainty and their AUSE (AbsRel, RMSE) beside a random order in
+`metrics.json` / `metrics.md` and `sparsification.png` (`modeling_moa_depthclip.evaluation.uncertainty`).
 
 Under `accelerate launch` with several processes the frames are split between the processes without padding and
 the per-image results are gathered and merged by frame name, so every frame is counted exactly once.
@@ -101,6 +103,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.ArgumentPars
     )
     parser.add_argument("--num_visual_samples", type=int, default=4, help="frames in samples.png (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes")
+    parser.add_argument(
+        "--uncertainty", action="store_true",
+        help="also evaluate the per-pixel uncertainty (std of the depth bins): sparsification curves, AUSE for "
+        "AbsRel and RMSE beside a random order (seeded by --seed), in metrics.json/metrics.md and sparsification.png",
+    )
     return parser, parser.parse_args(argv)
 
 
@@ -154,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             input_size=tuple(args.input_size) if args.input_size else None,
             predictions_dir=output_dir / "predictions" if args.save_predictions else None,
             num_visual_samples=args.num_visual_samples, dataset_name=f"{args.dataset} ({args.split})",
-            model_name=args.model,
+            model_name=args.model, uncertainty=args.uncertainty, uncertainty_seed=args.seed,
         )
     except ValueError as error:  # nothing could be scored
         fail(parser, str(error))

@@ -29,8 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..uncertainty import has_depth_bins
 from ..utils import first_line
 from .metrics import METRIC_KEYS, DepthMetricsAccumulator, NoValidDepthError, format_metrics_markdown
+from .uncertainty import SparsificationAccumulator, format_uncertainty_markdown, plot_sparsification
 
 
 logger = logging.getLogger(__name__)
@@ -149,27 +151,39 @@ def predict_depth(
     *,
     input_size: tuple[int, int] | None = None,
     flip_average: bool = False,
-) -> list[np.ndarray]:
+    return_uncertainty: bool = False,
+) -> list[np.ndarray] | tuple[list[np.ndarray], list[np.ndarray]]:
     """Metric depth (float32 metres) for each image, resized bilinearly to its `target_sizes` entry.
 
     With `flip_average`, the depth of the horizontally flipped image is flipped back and averaged with the direct
-    prediction (at the model's output resolution, before resizing).
+    prediction (at the model's output resolution, before resizing). With `return_uncertainty`, also the model's
+    `depth_uncertainty` (metres) resized the same way (and averaged the same way with `flip_average`), as a second
+    list; a model without it raises `ValueError`.
     """
     device, dtype = _model_device_dtype(model)
     kwargs = {"size": {"height": int(input_size[0]), "width": int(input_size[1])}} if input_size else {}
     pixel_values = image_processor(list(images), return_tensors="pt", **kwargs)["pixel_values"]
     pixel_values = pixel_values.to(device=device, dtype=dtype)
-    predicted = model(pixel_values=pixel_values).predicted_depth.float()
+    outputs = model(pixel_values=pixel_values)
+    maps = [outputs.predicted_depth.float()]
+    if return_uncertainty:
+        if getattr(outputs, "depth_uncertainty", None) is None:
+            raise ValueError("the model returns no depth_uncertainty (it has no depth bins, e.g. head='regression')")
+        maps.append(outputs.depth_uncertainty.float())
     if flip_average:
-        flipped = model(pixel_values=torch.flip(pixel_values, dims=[-1])).predicted_depth.float()
-        predicted = 0.5 * (predicted + torch.flip(flipped, dims=[-1]))
+        flipped = model(pixel_values=torch.flip(pixel_values, dims=[-1]))
+        flipped_maps = [flipped.predicted_depth, flipped.depth_uncertainty][: len(maps)]
+        maps = [0.5 * (m + torch.flip(f.float(), dims=[-1])) for m, f in zip(maps, flipped_maps)]
     results = []
-    for depth, size in zip(predicted, target_sizes):
-        size = (int(size[0]), int(size[1]))
-        if tuple(depth.shape[-2:]) != size:
-            depth = F.interpolate(depth[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-        results.append(depth.cpu().numpy().astype(np.float32))
-    return results
+    for values in maps:
+        resized = []
+        for depth, size in zip(values, target_sizes):
+            size = (int(size[0]), int(size[1]))
+            if tuple(depth.shape[-2:]) != size:
+                depth = F.interpolate(depth[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+            resized.append(depth.cpu().numpy().astype(np.float32))
+        results.append(resized)
+    return tuple(results) if return_uncertainty else results[0]
 
 
 def depth_range(model, min_depth: float | None = None, max_depth: float | None = None) -> tuple[float, float]:
@@ -235,6 +249,8 @@ def evaluate(
     model_name: str | None = None,
     predict_fn: Callable[[list[dict]], list[np.ndarray]] | None = None,
     show_progress: bool = True,
+    uncertainty: bool = False,
+    uncertainty_seed: int = 0,
 ) -> dict:
     """Evaluate `model` on `dataset` with the NYU protocol; returns a dict with the results on every process.
 
@@ -253,17 +269,27 @@ def evaluate(
         predictions_dir: if given, each prediction is saved there as float32 `.npy` in metres named after its frame.
         num_visual_samples: how many frames (the first of the main process) to keep for the picture panel.
         predict_fn: replaces the model call: examples -> depth maps (any size, resized to the ground truth); used
-            to check the protocol with known predictions.
+            to check the protocol with known predictions. With `uncertainty`, it returns `(depth maps, uncertainty
+            maps)`, the uncertainty at the ground truth's size.
+        uncertainty: also evaluate the model's `depth_uncertainty` with sparsification curves and AUSE
+            (`evaluation.uncertainty`), on the same pixels as the metrics; the random order is seeded with
+            `uncertainty_seed`.
 
     Returns:
         `{"metrics": {key: mean over images}, "num_images", "per_image": [{"name", key...}] sorted by name,
         "skipped": [names of frames without a valid ground-truth pixel], "protocol": {...},
-        "samples": [{"name", "image", "depth", "prediction"}] (main process)}`.
+        "samples": [{"name", "image", "depth", "prediction"}] (main process)}`, and with `uncertainty`
+        `"uncertainty"`: `SparsificationAccumulator.compute()` (curves, AUSE, the random order's AUSE, AURG).
 
     Raises:
         ValueError: no frame at all could be scored (an empty dataset, or no valid pixel in any frame).
     """
     min_depth, max_depth = depth_range(model, min_depth, max_depth)
+    if uncertainty and predict_fn is None and not has_depth_bins(model.config):
+        raise ValueError(
+            f"cannot evaluate uncertainty: the model has no depth bins (head={model.config.head!r}), so no "
+            "depth_uncertainty"
+        )
     crop = None if crop in (None, "none") else crop
     process_index = accelerator.process_index if accelerator is not None else 0
     num_processes = accelerator.num_processes if accelerator is not None else 1
@@ -276,6 +302,7 @@ def evaluate(
     if model is not None and hasattr(model, "eval"):
         model.eval()
     accumulator = DepthMetricsAccumulator(min_depth=min_depth, max_depth=max_depth, crop=crop)
+    sparsification = SparsificationAccumulator(min_depth, max_depth, crop, seed=uncertainty_seed) if uncertainty else None
     skipped: set[str] = set()
     samples: list[dict] = []
     examples, local_count = _local_examples(dataset, process_index, num_processes)
@@ -288,8 +315,12 @@ def evaluate(
     try:
         for batch in _batched(examples, batch_size):
             gts = [np.asarray(example["depth"], dtype=np.float32) for example in batch]
+            uncertainties = [None] * len(batch)
             if predict_fn is not None:
-                predictions = [np.asarray(p, dtype=np.float32) for p in predict_fn(batch)]
+                predictions = predict_fn(batch)
+                if uncertainty:
+                    predictions, uncertainties = predictions
+                predictions = [np.asarray(p, dtype=np.float32) for p in predictions]
                 predictions = [
                     p if p.shape == g.shape else
                     F.interpolate(torch.from_numpy(p)[None, None], size=g.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
@@ -303,8 +334,11 @@ def evaluate(
                     [g.shape for g in gts],
                     input_size=input_size,
                     flip_average=flip_average,
+                    return_uncertainty=uncertainty,
                 )
-            for example, prediction, gt in zip(batch, predictions, gts):
+                if uncertainty:
+                    predictions, uncertainties = predictions
+            for example, prediction, gt, frame_uncertainty in zip(batch, predictions, gts, uncertainties):
                 name = str(example["name"])
                 before = len(accumulator)
                 try:
@@ -314,6 +348,8 @@ def evaluate(
                     continue
                 if len(accumulator) == before:
                     local_duplicates += 1
+                if sparsification is not None:
+                    sparsification.update(prediction, gt, frame_uncertainty, name)
                 if predictions_dir is not None:
                     np.save(predictions_dir / f"{safe_frame_filename(name)}.npy", prediction.astype(np.float32))
                 if is_main and len(samples) < num_visual_samples:
@@ -334,10 +370,18 @@ def evaluate(
         from accelerate.utils import gather_object
 
         merged = DepthMetricsAccumulator(min_depth=min_depth, max_depth=max_depth, crop=crop)
-        for part in gather_object([{"records": accumulator.state(), "skipped": sorted(skipped)}]):
+        merged_sparsification = (
+            SparsificationAccumulator(min_depth, max_depth, crop, seed=uncertainty_seed) if uncertainty else None
+        )
+        local = {"records": accumulator.state(), "skipped": sorted(skipped)}
+        if uncertainty:
+            local["sparsification"] = sparsification.state()
+        for part in gather_object([local]):
             merged.merge(part["records"])
             skipped.update(part["skipped"])
-        accumulator = merged
+            if merged_sparsification is not None:
+                merged_sparsification.merge(part["sparsification"])
+        accumulator, sparsification = merged, merged_sparsification
     valid_gt = f"finite and in ({min_depth:g}, {max_depth:g}] m"
     if skipped:
         logger.warning(
@@ -364,7 +408,7 @@ def evaluate(
         "model": model_name,
         "num_processes": num_processes,
     }
-    return {
+    result = {
         "metrics": accumulator.compute(),
         "num_images": len(accumulator),
         "per_image": sorted(accumulator.per_image, key=lambda record: record["name"]),
@@ -372,6 +416,9 @@ def evaluate(
         "protocol": protocol,
         "samples": samples,
     }
+    if sparsification is not None:
+        result["uncertainty"] = sparsification.compute()
+    return result
 
 
 def _processor_size(image_processor) -> list[int] | None:
@@ -441,7 +488,10 @@ def _skipped_note(result: dict) -> str | None:
 
 
 def write_evaluation_outputs(result: dict, output_dir: str | os.PathLike, title: str | None = None) -> dict[str, Path]:
-    """Write metrics.json, metrics.md, per_image_metrics.csv and samples.png; returns their paths."""
+    """Write metrics.json, metrics.md, per_image_metrics.csv and samples.png; returns their paths.
+
+    With an uncertainty evaluation (`result["uncertainty"]`) metrics.json gains `"uncertainty"` (curves, AUSE,
+    the random order's AUSE, AURG), metrics.md its table, and sparsification.png the curves."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -453,6 +503,8 @@ def write_evaluation_outputs(result: dict, output_dir: str | os.PathLike, title:
         "skipped_frames": skipped,
         "protocol": result["protocol"],
     }
+    if result.get("uncertainty"):
+        payload["uncertainty"] = result["uncertainty"]
     paths["metrics_json"] = output_dir / "metrics.json"
     paths["metrics_json"].write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -474,6 +526,8 @@ def write_evaluation_outputs(result: dict, output_dir: str | os.PathLike, title:
         f"- averaging: {protocol['averaging']}",
         "",
     ]
+    if result.get("uncertainty"):
+        lines.append(format_uncertainty_markdown(result["uncertainty"]))
     paths["metrics_md"] = output_dir / "metrics.md"
     paths["metrics_md"].write_text("\n".join(lines))
 
@@ -487,6 +541,9 @@ def write_evaluation_outputs(result: dict, output_dir: str | os.PathLike, title:
     panel = save_samples_panel(result["samples"], output_dir / "samples.png", title)
     if panel is not None:
         paths["samples_png"] = panel
+    if result.get("uncertainty"):
+        curves_title = f"Sparsification curves: {title}" if title else None
+        paths["sparsification_png"] = plot_sparsification(result["uncertainty"], output_dir / "sparsification.png", curves_title)
     return paths
 
 
@@ -512,5 +569,15 @@ def format_report(result: dict, title: str, seconds: float, paths: dict[str, Pat
     note = _skipped_note(result)
     if note:
         lines.append(note)
+    summary = result.get("uncertainty")
+    if summary:
+        lines.append(
+            "uncertainty: "
+            + "; ".join(
+                f"AUSE {metric}={summary['ause'][metric]:.4f} (random order {summary['ause_random'][metric]:.4f}, "
+                f"AURG {summary['aurg'][metric]:.4f})"
+                for metric in summary["ause"]
+            )
+        )
     lines += [f"  {key}: {path}" for key, path in (paths or {}).items()]
     return "\n".join(lines)
