@@ -5,8 +5,10 @@
 One Gradio page: upload an image or pick an example (NYU Depth V2 test frames when the shared sample is found,
 rendered synthetic rooms); it shows the depth in colour with a colour bar in metres, an RGB / depth slider, the
 minimum, median and maximum depth, the depth at a clicked point, the 3D point cloud, and downloads of the 16-bit PNG
-(millimetres), the float32 .npy (metres) and the PLY point cloud. The API endpoint `/predict` takes the image first,
-for `gradio_client`. On a Hugging Face Space the model is the card's `models:` entry (or `$MOA_DEPTHCLIP_MODEL`).
+(millimetres), the float32 .npy (metres) and the PLY point cloud; for a model with depth bins an Uncertainty tab shows
+the spread of its per-pixel depth-bin distribution in metres (colour bar, reading at a clicked point, .npy download).
+The API endpoint `/predict` takes the image first, for `gradio_client`; the uncertainty picture and .npy come after
+the depth outputs. On a Hugging Face Space the model is the card's `models:` entry (or `$MOA_DEPTHCLIP_MODEL`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from modeling_moa_depthclip.geometry.point_cloud import (
     resolve_intrinsics,
     write_ply,
 )
-from modeling_moa_depthclip.visualization import colorize_depth, colorize_unit_depth
+from modeling_moa_depthclip.uncertainty import has_depth_bins
+from modeling_moa_depthclip.visualization import colorize_depth, colorize_unit_depth, uncertainty_figure
 
 MODEL_ENV = "MOA_DEPTHCLIP_MODEL"
 NYU_SAMPLE_ENV = "MOA_DEPTHCLIP_NYU_SAMPLE"
@@ -173,7 +176,8 @@ class DepthDemo:
         return Path(tempfile.mkdtemp(prefix="request-", dir=self.root))
 
     def predict(self, image_path: str | None, camera: str = "auto", fov_deg: float = DEFAULT_HFOV_DEG):
-        """Image file -> depth picture, slider pair, min/median/max (m), PNG/NPY/PLY files, 3D view, notes, depth."""
+        """Image file -> depth picture, slider pair, min/median/max (m), PNG/NPY/PLY files, 3D view, notes, depth,
+        then uncertainty picture, uncertainty .npy file and uncertainty map (None without depth bins)."""
         if not image_path:
             raise gr.Error("No image: upload one or pick an example.")
         started = time.perf_counter()
@@ -184,7 +188,8 @@ class DepthDemo:
         if camera not in {value for _, value in CAMERAS}:
             raise gr.Error(f"camera must be one of {[value for _, value in CAMERAS]}, got {camera!r}")
         rgb = image.convert("RGB")
-        depth = self.pipeline(rgb)["metric_depth"]
+        result = self.pipeline(rgb)
+        depth = result["metric_depth"]
         model_seconds = time.perf_counter() - started
 
         height, width = depth.shape
@@ -227,7 +232,27 @@ class DepthDemo:
             str(view_path),
             notes,
             depth,
+            *self._uncertainty_outputs(result.get("uncertainty"), folder, stem),
         )
+
+    @staticmethod
+    def _uncertainty_outputs(uncertainty: np.ndarray | None, folder: Path, stem: str):
+        """The Uncertainty tab's picture and .npy file, and the map for clicks; None for a model without bins."""
+        if uncertainty is None:
+            return None, None, None
+        path = folder / f"{stem}_uncertainty.npy"
+        np.save(path, uncertainty.astype(np.float32))
+        return uncertainty_figure(uncertainty), str(path), uncertainty
+
+    @staticmethod
+    def uncertainty_at(uncertainty: np.ndarray | None, depth: np.ndarray | None, event: gr.SelectData) -> str:
+        if uncertainty is None or depth is None:
+            return "Estimate the depth first, then click the uncertainty map."
+        x, y = (int(v) for v in event.index)
+        height, width = uncertainty.shape
+        if not (0 <= x < width and 0 <= y < height):
+            return "Click on the uncertainty map itself (left of the colour bar)."
+        return f"±{float(uncertainty[y, x]):.3f} m (depth {float(depth[y, x]):.3f} m) at pixel x={x}, y={y}"
 
     @staticmethod
     def depth_at(depth: np.ndarray | None, event: gr.SelectData) -> str:
@@ -280,6 +305,26 @@ class DepthDemo:
                             )  # fmt: skip
                         with gr.Tab("RGB / depth slider"):
                             slider = gr.ImageSlider(label="Drag the handle: RGB | depth", type="pil", format="png")
+                        with gr.Tab("Uncertainty (m)"):
+                            uncertainty_note = (
+                                "Standard deviation of the model's per-pixel depth-bin distribution: where it is "
+                                "large (red) the model hesitates between depths. Click to read a point."
+                                if has_depth_bins(self.pipeline.model.config)
+                                else "This model has no depth bins (head='regression'), so no uncertainty."
+                            )
+                            gr.Markdown(uncertainty_note)
+                            uncertainty_picture = gr.Image(
+                                label="Uncertainty in metres (confident is blue, uncertain is red)",
+                                type="pil", format="png", interactive=False, elem_id="uncertainty-figure",
+                            )  # fmt: skip
+                            uncertainty_clicked = gr.Textbox(
+                                label="Uncertainty at the clicked point", interactive=False,
+                                value="Estimate the depth first, then click the uncertainty map.",
+                                elem_id="clicked-uncertainty",
+                            )  # fmt: skip
+                            uncertainty_npy = gr.DownloadButton(
+                                "uncertainty float32 .npy (m)", elem_id="download-uncertainty"
+                            )
                         with gr.Tab("3D point cloud"):
                             view = gr.Model3D(
                                 label="Point cloud in metres (drag to orbit, scroll to zoom)",
@@ -300,17 +345,26 @@ class DepthDemo:
                         ply = gr.DownloadButton("PLY point cloud (m)", elem_id="download-ply")
                     notes = gr.Textbox(label="Run", interactive=False, elem_id="notes")
             depth_state = gr.State()
+            uncertainty_state = gr.State()
             gr.on(
                 triggers=[run.click, image_input.upload],
                 fn=self.predict,
                 inputs=[image_input, camera, fov],
-                outputs=[figure, slider, low, median, high, png, npy, ply, view, notes, depth_state],
+                outputs=[
+                    figure, slider, low, median, high, png, npy, ply, view, notes, depth_state,
+                    uncertainty_picture, uncertainty_npy, uncertainty_state,
+                ],
                 api_name="predict",
                 api_description="Metric depth of an image: the depth picture with its colour bar, an RGB/depth pair, "
                 "min/median/max depth in metres, the 16-bit PNG (mm), float32 .npy (m) and PLY files, a 3D preview "
-                "and notes. `camera` is auto, nyu or fov (then `fov_deg` is used).",
+                "and notes, then the uncertainty picture and float32 .npy (m; none for a model without depth bins). "
+                "`camera` is auto, nyu or fov (then `fov_deg` is used).",
             )  # fmt: skip
             figure.select(self.depth_at, inputs=[depth_state], outputs=[clicked], api_visibility="private")
+            uncertainty_picture.select(
+                self.uncertainty_at, inputs=[uncertainty_state, depth_state], outputs=[uncertainty_clicked],
+                api_visibility="private",
+            )  # fmt: skip
         return demo
 
 
