@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""What the per-pixel uncertainty adds to MoA-DepthCLIP's forward time.
+
+    python benchmarks/uncertainty_cost.py [--model PATH] [--height 224 --width 224] [--batch-size 1] [--repeats 30]
+
+Times `model(pixel_values)` with the uncertainty computed (as shipped) and with it skipped (the model module's
+`depth_uncertainty_from_logits` replaced by a function returning None, for this process only), interleaving the two
+so that both see the same machine load, and prints the median of each and their ratio. Without `--model` it builds
+the default ViT-B/32 configuration with random weights (the time does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(1, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from modeling_moa_depthclip import modeling_moa_depthclip as modeling  # noqa: E402
+from modeling_moa_depthclip.cli.arguments import positive_int  # noqa: E402
+
+
+@contextmanager
+def uncertainty_skipped():
+    """The model's forward without the bin-distribution standard deviation (restored on exit)."""
+    shipped = modeling.depth_uncertainty_from_logits
+    modeling.depth_uncertainty_from_logits = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        modeling.depth_uncertainty_from_logits = shipped
+
+
+def _seconds(model, pixel_values) -> float:
+    start = time.perf_counter()
+    model(pixel_values=pixel_values)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure_uncertainty_cost(model, pixel_values, repeats: int = 30, warmup: int = 3) -> dict:
+    """Median forward seconds with and without the uncertainty, measured interleaved, and their ratio."""
+    for _ in range(warmup):
+        model(pixel_values=pixel_values)
+        with uncertainty_skipped():
+            model(pixel_values=pixel_values)
+    with_times, without_times = [], []
+    for index in range(repeats):
+        # alternate which goes first so that neither always follows the other
+        for skipped in ((False, True) if index % 2 == 0 else (True, False)):
+            if skipped:
+                with uncertainty_skipped():
+                    without_times.append(_seconds(model, pixel_values))
+            else:
+                with_times.append(_seconds(model, pixel_values))
+    with_median, without_median = statistics.median(with_times), statistics.median(without_times)
+    return {
+        "with_s": with_median,
+        "without_s": without_median,
+        "ratio": with_median / without_median,
+        "repeats": repeats,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="saved model folder (default: the default config, random)")
+    parser.add_argument("--height", type=positive_int, default=224)
+    parser.add_argument("--width", type=positive_int, default=224)
+    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=30, help="timed forwards of each kind")
+    args = parser.parse_args(argv)
+
+    if args.model:
+        from modeling_moa_depthclip.loading import ModelLoadError, load_model_and_processor
+
+        try:
+            model, _ = load_model_and_processor(args.model)
+        except ModelLoadError as error:
+            parser.exit(2, f"{parser.prog}: error: --model: {error}\n")
+    else:
+        model = modeling.MoADepthCLIPForDepthEstimation(modeling.MoADepthCLIPConfig())
+    model.eval()
+    if model.config.head == "regression":
+        parser.exit(2, f"{parser.prog}: error: the model has no depth bins (head='regression'): nothing to measure\n")
+    patch = model.config.vision_config.patch_size
+    if args.height % patch or args.width % patch:
+        parser.exit(2, f"{parser.prog}: error: --height and --width must be multiples of the patch size {patch}\n")
+    pixel_values = torch.randn(args.batch_size, 3, args.height, args.width, generator=torch.Generator().manual_seed(0))
+    result = measure_uncertainty_cost(model, pixel_values, repeats=args.repeats)
+    print(
+        f"forward {args.batch_size}x3x{args.height}x{args.width} ({model.config.head} head, "
+        f"{model.config.num_depth_bins if model.config.head != 'depthclip' else len(model.config.depthclip_bin_depths)} "
+        f"bins, {torch.get_num_threads()} threads): with uncertainty {result['with_s'] * 1000:.1f} ms, without "
+        f"{result['without_s'] * 1000:.1f} ms (medians of {args.repeats}, interleaved); ratio {result['ratio']:.3f} "
+        f"({(result['ratio'] - 1) * 100:+.1f} %)"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
