@@ -14,17 +14,19 @@ import torch.nn.functional as F
 def bin_distribution_std(probs: torch.Tensor, centers: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """Standard deviation (in the unit of `centers`, metres) of the bin distribution `probs` along `dim`.
 
-    `probs` sums to one along `dim` (a softmax); `centers` holds one depth per bin. Computed as the spread around the
-    mean rather than `E[c^2] - E[c]^2`, which cancels catastrophically in float32 for a peaked distribution.
+    `probs` sums to one along `dim` (a softmax); `centers` holds one depth per bin. Two weighted sums over the bins
+    (`E[s]`, `E[s^2]`) with the centres shifted to the middle of their range, `s = c - (c_min + c_max) / 2`: as fast
+    as the expected depth itself (a spread-around-the-mean form materialises a bins-sized tensor three times, ~7x
+    slower at 128 bins on a 120x160 grid), and the shift keeps the float32 cancellation of `E[s^2] - E[s]^2` to
+    about 2 mm of standard deviation for a 0-10 m range (a fraction of a 78 mm bin).
     """
     if probs.shape[dim] != centers.numel():
         raise ValueError(f"probs has {probs.shape[dim]} bins along dim {dim}, centers has {centers.numel()}")
-    shape = [1] * probs.dim()
-    shape[dim] = -1
-    centers = centers.to(device=probs.device, dtype=probs.dtype).view(shape)
-    mean = (probs * centers).sum(dim=dim, keepdim=True)
-    variance = (probs * (centers - mean) ** 2).sum(dim=dim)
-    return variance.clamp_min(0.0).sqrt()
+    centers = centers.to(device=probs.device, dtype=probs.dtype)
+    shifted = centers - (centers.max() + centers.min()) / 2
+    moved = probs.movedim(dim, -1)
+    mean = moved @ shifted
+    return (moved @ (shifted * shifted) - mean * mean).clamp_min(0.0).sqrt()
 
 
 def depth_uncertainty_from_logits(bin_logits: torch.Tensor, centers, size: tuple[int, int]) -> torch.Tensor:
