@@ -5,7 +5,9 @@
 
 Times `model(pixel_values)` with the uncertainty computed (as shipped) and with it skipped (the model module's
 `depth_uncertainty_from_logits` replaced by a function returning None, for this process only), interleaving the two
-so that both see the same machine load, and prints the median of each and their ratio. Without `--model` it builds
+so that both see the same machine load, and prints the median of each and their ratio; it also times the uncertainty
+path alone (softmax, standard deviation, upsampling on the model's own bin logits), which a busy machine blurs less
+than the difference of two whole forwards. Without `--model` it builds
 the default ViT-B/32 configuration with random weights (the time does not depend on the weights).
 """
 
@@ -52,8 +54,16 @@ def measure_uncertainty_cost(model, pixel_values, repeats: int = 30, warmup: int
         model(pixel_values=pixel_values)
         with uncertainty_skipped():
             model(pixel_values=pixel_values)
-    with_times, without_times = [], []
+    with_times, without_times, path_times = [], [], []
+    with uncertainty_skipped():
+        bin_logits = model(pixel_values=pixel_values).bin_logits
+    centers = modeling.depth_bin_centers(model.config) if model.config.head != "depthclip" else (
+        model.config.depthclip_bin_depths)  # fmt: skip
+    size = tuple(pixel_values.shape[-2:])
     for index in range(repeats):
+        start = time.perf_counter()
+        modeling.depth_uncertainty_from_logits(bin_logits, centers, size)
+        path_times.append(time.perf_counter() - start)
         # alternate which goes first so that neither always follows the other
         for skipped in ((False, True) if index % 2 == 0 else (True, False)):
             if skipped:
@@ -62,10 +72,13 @@ def measure_uncertainty_cost(model, pixel_values, repeats: int = 30, warmup: int
             else:
                 with_times.append(_seconds(model, pixel_values))
     with_median, without_median = statistics.median(with_times), statistics.median(without_times)
+    path_median = statistics.median(path_times)
     return {
         "with_s": with_median,
         "without_s": without_median,
         "ratio": with_median / without_median,
+        "path_s": path_median,
+        "path_fraction": path_median / without_median,
         "repeats": repeats,
     }
 
@@ -101,7 +114,8 @@ def main(argv=None) -> dict:
         f"{model.config.num_depth_bins if model.config.head != 'depthclip' else len(model.config.depthclip_bin_depths)} "
         f"bins, {torch.get_num_threads()} threads): with uncertainty {result['with_s'] * 1000:.1f} ms, without "
         f"{result['without_s'] * 1000:.1f} ms (medians of {args.repeats}, interleaved); ratio {result['ratio']:.3f} "
-        f"({(result['ratio'] - 1) * 100:+.1f} %)"
+        f"({(result['ratio'] - 1) * 100:+.1f} %); the uncertainty path alone {result['path_s'] * 1000:.1f} ms = "
+        f"{result['path_fraction'] * 100:.1f} % of the forward without it"
     )
     return result
 
