@@ -109,9 +109,10 @@ def main(argv=None) -> dict:
         parser.exit(2, f"{parser.prog}: error: --height and --width must be multiples of the patch size {patch}\n")
     pixel_values = torch.randn(args.batch_size, 3, args.height, args.width, generator=torch.Generator().manual_seed(0))
     result = measure_uncertainty_cost(model, pixel_values, repeats=args.repeats)
+    config = model.config
+    num_bins = len(config.depthclip_bin_depths) if config.head == "depthclip" else config.num_depth_bins
     print(
-        f"forward {args.batch_size}x3x{args.height}x{args.width} ({model.config.head} head, "
-        f"{model.config.num_depth_bins if model.config.head != 'depthclip' else len(model.config.depthclip_bin_depths)} "
+        f"forward {args.batch_size}x3x{args.height}x{args.width} ({config.head} head, {num_bins} "
         f"bins, {torch.get_num_threads()} threads): with uncertainty {result['with_s'] * 1000:.1f} ms, without "
         f"{result['without_s'] * 1000:.1f} ms (medians of {args.repeats}, interleaved); ratio {result['ratio']:.3f} "
         f"({(result['ratio'] - 1) * 100:+.1f} %); the uncertainty path alone {result['path_s'] * 1000:.1f} ms = "

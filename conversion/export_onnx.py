@@ -5,7 +5,8 @@
 The ONNX graph takes `pixel_values` float32 `(batch, 3, height, width)` (the image processor's output; the batch
 axis is dynamic, height and width are fixed to the processor's size) and returns `predicted_depth` float32
 `(batch, height, width)` in metres, and for a model with depth bins (every head but `"regression"`) a second output
-`depth_uncertainty` of the same shape: the standard deviation of the per-pixel bin distribution in metres. ONNX opset 18 (default ai.onnx domain; `--opset` changes it), written by
+`depth_uncertainty` of the same shape: the standard deviation of the per-pixel bin distribution in metres.
+ONNX opset 18 (default ai.onnx domain; `--opset` changes it), written by
 `torch.onnx.export(dynamo=True)`. The image processor's settings are stored in the file's metadata under
 `moa_depthclip.preprocessing`, so the `.onnx` file alone is enough to run it.
 

@@ -157,7 +157,8 @@ def test_evaluate_writes_ause_json_markdown_and_plot(tmp_path):
         probs, centers, gt, _ = hand_built_bins(seed=seed, size=(48, 64))
         frames.append({"name": f"f{seed}", "image": Image.new("RGB", (64, 48)), "depth": gt.astype(np.float32),
                        "pred": np.einsum("khw,k->hw", probs, centers),
-                       "std": bin_distribution_std(torch.from_numpy(probs)[None], torch.from_numpy(centers))[0].numpy()})
+                       "std": bin_distribution_std(torch.from_numpy(probs)[None], torch.from_numpy(centers))[0].numpy(),
+                       })  # fmt: skip
 
     def predict_fn(batch):
         return [f["pred"] for f in batch], [f["std"] for f in batch]
@@ -239,7 +240,8 @@ def test_post_processing_resizes_uncertainty_and_fusion_weight_with_the_depth():
     torch.testing.assert_close(results[0]["fusion_weight"], weight[0, 0])
     regression = tiny_model(head="regression")
     with torch.no_grad():
-        (only_depth,) = tiny_processor().post_process_depth_estimation(regression(pixel_values=torch.randn(1, 3, 64, 64)))
+        regression_outputs = regression(pixel_values=torch.randn(1, 3, 64, 64))
+    (only_depth,) = tiny_processor().post_process_depth_estimation(regression_outputs)
     assert set(only_depth) == {"predicted_depth"}
 
 

@@ -9,7 +9,8 @@ Per image it writes `<stem>_depth.png` (uint16, millimetres: the NYU convention)
 metres) and `<stem>_depth_color.png` (Turbo colour map, near is red); with `--point-cloud` also `<stem>_points.ply`
 (coloured points in metres); with `--uncertainty` also `<stem>_uncertainty.npy` (float32, metres: the standard
 deviation of the model's per-pixel depth-bin distribution) and `<stem>_uncertainty.png` (colour-mapped, with a colour
-bar in metres); a model without depth bins says so in one line and writes neither. A folder stands for its image files, sorted by name. A bad image is reported in one
+bar in metres); a model without depth bins says so in one line and writes neither.
+A folder stands for its image files, sorted by name. A bad image is reported in one
 line and skipped; the others are still processed. A model that cannot be loaded is one line naming it and why.
 """
 

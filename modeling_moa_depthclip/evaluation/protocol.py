@@ -302,7 +302,9 @@ def evaluate(
     if model is not None and hasattr(model, "eval"):
         model.eval()
     accumulator = DepthMetricsAccumulator(min_depth=min_depth, max_depth=max_depth, crop=crop)
-    sparsification = SparsificationAccumulator(min_depth, max_depth, crop, seed=uncertainty_seed) if uncertainty else None
+    sparsification = (
+        SparsificationAccumulator(min_depth, max_depth, crop, seed=uncertainty_seed) if uncertainty else None
+    )
     skipped: set[str] = set()
     samples: list[dict] = []
     examples, local_count = _local_examples(dataset, process_index, num_processes)
@@ -543,7 +545,9 @@ def write_evaluation_outputs(result: dict, output_dir: str | os.PathLike, title:
         paths["samples_png"] = panel
     if result.get("uncertainty"):
         curves_title = f"Sparsification curves: {title}" if title else None
-        paths["sparsification_png"] = plot_sparsification(result["uncertainty"], output_dir / "sparsification.png", curves_title)
+        paths["sparsification_png"] = plot_sparsification(
+            result["uncertainty"], output_dir / "sparsification.png", curves_title
+        )
     return paths
 
 

@@ -117,7 +117,9 @@ def image_sparsification(
             "oracle": np.argsort(-errors, kind="stable"),
             "random": random_order,
         }
-        curves[metric] = {name: sparsification_curve(errors, order, metric, fractions) for name, order in orders.items()}
+        curves[metric] = {
+            name: sparsification_curve(errors, order, metric, fractions) for name, order in orders.items()
+        }
     return curves
 
 
