@@ -322,3 +322,31 @@ def test_cli_says_in_one_line_that_a_regression_model_has_no_uncertainty(picture
     lines = [line for line in capsys.readouterr().err.splitlines() if "uncertainty" in line]
     assert len(lines) == 1 and "has no depth bins (head='regression')" in lines[0]
     assert sorted(p.name for p in out.iterdir()) == ["room_depth.npy", "room_depth.png", "room_depth_color.png"]
+
+
+def test_onnx_of_a_regression_model_has_the_depth_alone(picture, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    from conversion import export_onnx as exporter
+    from conversion.onnx_inference import OnnxDepthEstimator
+
+    folder = tmp_path / "regression"
+    save_tiny_checkpoint(folder, head="regression")
+    model, processor = exporter.load_model_and_processor(folder)
+    path = exporter.export_onnx(model, processor, tmp_path / "model.onnx")
+    assert [output.name for output in onnx.load(str(path)).graph.output] == ["predicted_depth"]
+    estimator = OnnxDepthEstimator(path)
+    assert not estimator.has_uncertainty and set(estimator.estimate(str(picture))) == {"predicted_depth"}
+
+
+def test_model_card_refuses_a_malformed_uncertainty_section(tmp_path):
+    from conversion.model_card import ModelCardError, load_metrics, results_section
+
+    metrics = {key: 0.5 for key in ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")}
+    metrics.update(num_images=25, uncertainty={"ause": {"abs_rel": float("nan")}, "ause_random": {"abs_rel": 0.1}})
+    with pytest.raises(ModelCardError, match="uncertainty must hold 'ause' and 'ause_random'"):
+        load_metrics(metrics)
+    metrics["uncertainty"]["ause"]["abs_rel"] = 0.05
+    assert "| AbsRel | 0.0500 | 0.1000 |" in results_section(load_metrics(metrics))
