@@ -350,3 +350,20 @@ def test_model_card_refuses_a_malformed_uncertainty_section(tmp_path):
         load_metrics(metrics)
     metrics["uncertainty"]["ause"]["abs_rel"] = 0.05
     assert "| AbsRel | 0.0500 | 0.1000 |" in results_section(load_metrics(metrics))
+
+
+def test_flip_averaging_averages_the_uncertainty_like_the_depth():
+    from modeling_moa_depthclip.evaluation import predict_depth
+
+    model, processor = tiny_model(), tiny_processor()
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, size=(48, 64, 3), dtype=np.uint8))
+    depths, uncertainties = predict_depth(model, processor, [image], [(48, 64)], flip_average=True,
+                                          return_uncertainty=True)  # fmt: skip
+    pixel_values = processor([image], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        direct = model(pixel_values=pixel_values).depth_uncertainty
+        flipped = model(pixel_values=torch.flip(pixel_values, dims=[-1])).depth_uncertainty
+    averaged = 0.5 * (direct + torch.flip(flipped, dims=[-1]))
+    expected = torch.nn.functional.interpolate(averaged[:, None], size=(48, 64), mode="bilinear")[0, 0].numpy()
+    np.testing.assert_allclose(uncertainties[0], expected, **FP32)
+    assert depths[0].shape == (48, 64)

@@ -172,7 +172,7 @@ def predict_depth(
         maps.append(outputs.depth_uncertainty.float())
     if flip_average:
         flipped = model(pixel_values=torch.flip(pixel_values, dims=[-1]))
-        flipped_maps = [flipped.predicted_depth, flipped.depth_uncertainty][: len(maps)]
+        flipped_maps = [flipped.predicted_depth] + ([flipped.depth_uncertainty] if return_uncertainty else [])
         maps = [0.5 * (m + torch.flip(f.float(), dims=[-1])) for m, f in zip(maps, flipped_maps)]
     results = []
     for values in maps:
