@@ -568,7 +568,7 @@ def bench_onnx(pipe, frames, folder, repeats):
         with torch.inference_mode():
             reference = pipe.model(pixel_values=pixel_values).predicted_depth.numpy()
         array = pixel_values.numpy()
-        (onnx_depth,) = session.run(None, {"pixel_values": array})
+        onnx_depth = session.run(["predicted_depth"], {"pixel_values": array})[0]
         with torch.inference_mode():
             times = interleaved_medians(
                 {

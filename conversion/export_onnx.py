@@ -4,14 +4,16 @@
 
 The ONNX graph takes `pixel_values` float32 `(batch, 3, height, width)` (the image processor's output; the batch
 axis is dynamic, height and width are fixed to the processor's size) and returns `predicted_depth` float32
-`(batch, height, width)` in metres. ONNX opset 18 (default ai.onnx domain; `--opset` changes it), written by
+`(batch, height, width)` in metres, and for a model with depth bins (every head but `"regression"`) a second output
+`depth_uncertainty` of the same shape: the standard deviation of the per-pixel bin distribution in metres.
+ONNX opset 18 (default ai.onnx domain; `--opset` changes it), written by
 `torch.onnx.export(dynamo=True)`. The image processor's settings are stored in the file's metadata under
 `moa_depthclip.preprocessing`, so the `.onnx` file alone is enough to run it.
 
 After export the script runs `onnx.checker.check_model`, then compares onnxruntime with PyTorch on real frames
 (by default 4 frames of ../shared/data/nyu_eigen_test_sample; `--images` for others) at batch 1 and at batch N,
-and the torch-free inference path end to end with the PyTorch pipeline's depth at image size. It prints the
-largest absolute difference in metres and exits with status 1 if it exceeds `--tolerance` (1e-3 m).
+and the torch-free inference path end to end with the PyTorch pipeline's depth (and uncertainty) at image size. It
+prints the largest absolute difference in metres and exits with status 1 if it exceeds `--tolerance` (1e-3 m).
 
 Running the exported model without PyTorch (only numpy, pillow and onnxruntime) is what
 `conversion.onnx_inference` does, without importing torch:
@@ -32,7 +34,7 @@ or, by hand:
                     for c in range(3)]).clip(0, 1)                 # antialiased bicubic, as the processor does
     mean = np.array(settings["image_mean"], np.float32)[:, None, None]
     std = np.array(settings["image_std"], np.float32)[:, None, None]
-    depth = session.run(None, {"pixel_values": ((rgb - mean) / std)[None].astype(np.float32)})[0][0]
+    depth = session.run(["predicted_depth"], {"pixel_values": ((rgb - mean) / std)[None].astype(np.float32)})[0][0]
     # depth: metres at h x w; resize bilinearly to the image size (conversion.onnx_inference.resize_bilinear)
 
 Exit status: 0 on success, 1 if the comparison exceeds the tolerance, 2 for bad arguments (a missing model folder,
@@ -65,18 +67,29 @@ class ExportError(Exception):
     """A problem with the arguments, reported in one line."""
 
 
+def output_names(model) -> list[str]:
+    """The exported graph's outputs: the depth, and its uncertainty where the model has depth bins."""
+    from modeling_moa_depthclip.uncertainty import has_depth_bins
+
+    return ["predicted_depth", "depth_uncertainty"] if has_depth_bins(model.config) else ["predicted_depth"]
+
+
 def _depth_only(model):
     import torch
 
+    names = output_names(model)
+
     class DepthOnly(torch.nn.Module):
-        """`pixel_values -> predicted_depth`: the graph ONNX gets, without the training-only outputs."""
+        """`pixel_values -> predicted_depth[, depth_uncertainty]`: the graph ONNX gets, without the training-only
+        outputs."""
 
         def __init__(self, model):
             super().__init__()
             self.model = model
 
         def forward(self, pixel_values):
-            return self.model(pixel_values=pixel_values, return_dict=True).predicted_depth
+            outputs = self.model(pixel_values=pixel_values, return_dict=True)
+            return tuple(outputs[name] for name in names)
 
     return DepthOnly(model).eval()
 
@@ -107,7 +120,7 @@ def export_onnx(model, processor, output, opset: int = DEFAULT_OPSET) -> Path:
         dynamo=True,
         opset_version=opset,
         input_names=["pixel_values"],
-        output_names=["predicted_depth"],
+        output_names=output_names(model),
         dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1)}},
         verbose=False,
     )
@@ -141,20 +154,27 @@ def compare_with_pytorch(model, processor, onnx_path, images) -> dict:
 
     session = onnxruntime.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    names = [output.name for output in session.get_outputs()]
     with torch.no_grad():
-        reference = model(pixel_values=pixel_values).predicted_depth
+        outputs = model(pixel_values=pixel_values)
+    reference = {name: outputs[name] for name in names}
     result = {}
     for batch in sorted({1, len(images)}):
-        (onnx_depth,) = session.run(None, {"pixel_values": pixel_values[:batch].numpy()})
-        result[f"batch {batch}"] = float(np.abs(onnx_depth - reference[:batch].numpy()).max())
-    # the torch-free path, end to end: image in, depth at the image's size out, against the PyTorch postprocessing
+        found = session.run(names, {"pixel_values": pixel_values[:batch].numpy()})
+        for name, values in zip(names, found):
+            suffix = "" if name == "predicted_depth" else f" {name}"
+            result[f"batch {batch}{suffix}"] = float(np.abs(values - reference[name][:batch].numpy()).max())
+    # the torch-free path, end to end: image in, maps at the image's size out, against the PyTorch postprocessing
     targets = [image.size[::-1] for image in images]
-    torch_depths = processor.post_process_depth_estimation({"predicted_depth": reference}, targets)
-    onnx_depths = OnnxDepthEstimator(onnx_path)(list(images))
-    result["torch-free path at image size"] = max(
-        float(np.abs(ours - theirs["predicted_depth"].numpy()).max())
-        for ours, theirs in zip(onnx_depths, torch_depths)
-    )
+    torch_results = processor.post_process_depth_estimation(reference, targets)
+    onnx_results = OnnxDepthEstimator(onnx_path).estimate(list(images))
+    for key in ("predicted_depth", "uncertainty"):
+        if key in torch_results[0]:
+            suffix = "" if key == "predicted_depth" else f" {key}"
+            result[f"torch-free path at image size{suffix}"] = max(
+                float(np.abs(ours[key] - theirs[key].numpy()).max())
+                for ours, theirs in zip(onnx_results, torch_results)
+            )
     return result
 
 

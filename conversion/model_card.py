@@ -106,7 +106,19 @@ def load_metrics(metrics_json: str | os.PathLike | Mapping) -> dict[str, Any]:
     if not isinstance(protocol, Mapping):
         raise ModelCardError(f"evaluation JSON {origin}: protocol must be an object, got {type(protocol).__name__}")
     data["protocol"] = dict(protocol)
+    uncertainty = data.get("uncertainty")
+    if uncertainty is not None:
+        areas = [uncertainty.get(key) for key in ("ause", "ause_random")] if isinstance(uncertainty, Mapping) else []
+        if len(areas) != 2 or not all(isinstance(a, Mapping) and a and all(_finite(v) for v in a.values()) for a in areas):
+            raise ModelCardError(
+                f"evaluation JSON {origin}: uncertainty must hold 'ause' and 'ause_random' objects of finite numbers "
+                "(as examples/evaluate.py --uncertainty writes them)"
+            )
     return data
+
+
+def _finite(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _dataset_fields(metrics: Mapping[str, Any]) -> dict[str, str]:
@@ -156,6 +168,21 @@ def results_section(metrics: Mapping[str, Any] | None) -> str:
             f"This is not the full {EIGEN_TEST_FRAMES}-frame Eigen test split, so the numbers are not directly "
             "comparable with published NYU results."
         )
+    uncertainty = metrics.get("uncertainty")
+    if uncertainty:
+        names = {"abs_rel": "AbsRel", "rmse": "RMSE"}
+        lines += [
+            "",
+            "Per-pixel uncertainty (standard deviation of the depth-bin distribution), sparsification AUSE on the "
+            "same images (lower is better; the random order is the level of an uninformative uncertainty):",
+            "",
+            "| metric | AUSE ↓ | AUSE of a random order |",
+            "| :--- | ---: | ---: |",
+        ]
+        lines += [
+            f"| {names.get(key, key)} | {float(value):.4f} | {float(uncertainty['ause_random'][key]):.4f} |"
+            for key, value in uncertainty["ause"].items()
+        ]
     protocol = metrics["protocol"]
     if protocol:
         lines += ["", "Evaluation protocol, as recorded by the evaluation:", ""]

@@ -5,6 +5,7 @@
     estimator = OnnxDepthEstimator("model.onnx")
     depth = estimator("room.png")          # float32 metres, (height, width) of the image
     depths = estimator([image_a, image_b])  # one batch, one depth map per image
+    result = estimator.estimate("room.png")  # {"predicted_depth", "uncertainty" (a model with depth bins)}
 
 or from the command line (prints each image's depth range):
 
@@ -117,6 +118,10 @@ class OnnxDepthEstimator:
             )
         self.resample = _PIL_RESAMPLE[settings["resample"]]
         self.input_name = self.session.get_inputs()[0].name
+        names = [output.name for output in self.session.get_outputs()]
+        # a model without depth bins (or a file exported before the uncertainty output) has the depth alone
+        self.has_uncertainty = "depth_uncertainty" in names
+        self.output_names = ["predicted_depth", "depth_uncertainty"] if self.has_uncertainty else names[:1]
 
     def preprocess(self, images) -> np.ndarray:
         """PIL images or paths -> `pixel_values` float32 `(batch, 3, height, width)`."""
@@ -141,13 +146,25 @@ class OnnxDepthEstimator:
     def __call__(self, images):
         """One image (PIL image or path) -> depth `(H, W)` in metres; a list -> a list of depth maps."""
         single = not isinstance(images, (list, tuple))
+        results = [result["predicted_depth"] for result in self.estimate(images if not single else [images])]
+        return results[0] if single else results
+
+    def estimate(self, images):
+        """One image or a list -> a dict (a list of dicts) with `"predicted_depth"` and, where the file has it,
+        `"uncertainty"`: float32 metres at each image's size, resized as the image processor's post-processing."""
+        single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
         images = [_open_image(image) if isinstance(image, (str, os.PathLike)) else image for image in images]
-        # the depth comes back at each image's size, as the pipeline returns it
+        # the maps come back at each image's size, as the pipeline returns them
         sizes = [image.size[::-1] for image in images]
-        (depth,) = self.session.run(None, {self.input_name: self.preprocess(images)})
+        outputs = self.session.run(self.output_names, {self.input_name: self.preprocess(images)})
+        keys = ["predicted_depth", "uncertainty"][: len(outputs)]
         results = [
-            d if d.shape == size else resize_bilinear(d, *size).astype(np.float32) for d, size in zip(depth, sizes)
+            {
+                key: m if m.shape == size else resize_bilinear(m, *size).astype(np.float32)
+                for key, m in zip(keys, maps)
+            }
+            for size, maps in zip(sizes, zip(*outputs))
         ]
         return results[0] if single else results
 
@@ -159,8 +176,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     estimator = OnnxDepthEstimator(args.model)
     for path in args.images:
-        depth = estimator(path)
-        print(f"{path}: {depth.shape[1]}x{depth.shape[0]}, depth {depth.min():.3f} to {depth.max():.3f} m")
+        result = estimator.estimate(path)
+        depth = result["predicted_depth"]
+        line = f"{path}: {depth.shape[1]}x{depth.shape[0]}, depth {depth.min():.3f} to {depth.max():.3f} m"
+        if "uncertainty" in result:
+            line += f", uncertainty {result['uncertainty'].min():.3f} to {result['uncertainty'].max():.3f} m"
+        print(line)
     return 0
 
 

@@ -5,10 +5,12 @@
 One Gradio page: upload an image or pick an example (NYU Depth V2 test frames when the shared sample is found,
 rendered synthetic rooms); it shows the depth in colour with a colour bar in metres, an RGB / depth slider, the
 minimum, median and maximum depth, the depth at a clicked point, the 3D point cloud, and downloads of the 16-bit PNG
-(millimetres), the float32 .npy (metres) and the PLY point cloud. A new image (uploaded or an example clicked) runs the
-model at once and clears what was read from the previous one; where the browser has no WebGL, the 3D tab says so
-and offers the PLY file. The API endpoint `/predict` takes the image first,
-for `gradio_client`. On a Hugging Face Space the model is the card's `models:` entry (or `$MOA_DEPTHCLIP_MODEL`).
+(millimetres), the float32 .npy (metres) and the PLY point cloud; for a model with depth bins an Uncertainty tab shows
+the spread of its per-pixel depth-bin distribution in metres (colour bar, reading at a clicked point, .npy download).
+A new image (uploaded or an example clicked) runs the model at once and clears what was read from the previous one;
+where the browser has no WebGL, the 3D tab says so and offers the PLY file. The API endpoint `/predict` takes the
+image first, for `gradio_client`; the uncertainty picture and .npy come after the depth outputs. On a Hugging Face
+Space the model is the card's `models:` entry (or `$MOA_DEPTHCLIP_MODEL`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from modeling_moa_depthclip.geometry.point_cloud import (
     resolve_intrinsics,
     write_ply,
 )
-from modeling_moa_depthclip.visualization import colorize_depth, colorize_unit_depth
+from modeling_moa_depthclip.uncertainty import has_depth_bins
+from modeling_moa_depthclip.visualization import colorize_depth, colorize_unit_depth, uncertainty_figure
 
 MODEL_ENV = "MOA_DEPTHCLIP_MODEL"
 NYU_SAMPLE_ENV = "MOA_DEPTHCLIP_NYU_SAMPLE"
@@ -54,6 +57,7 @@ MAX_PLY_POINTS = NYU_INTRINSICS.width * NYU_INTRINSICS.height
 MAX_VIEW_POINTS = 80_000
 OUTPUT_MAX_AGE_S = 2 * 3600
 CLICK_PROMPT = "Estimate the depth first, then click the depth map."
+UNCERTAINTY_CLICK_PROMPT = "Estimate the depth first, then click the uncertainty map."
 # headless browsers and some machines have no WebGL: the 3D viewer would stay blank without a word
 WEBGL_CHECK = """
 const probe = document.createElement("canvas");
@@ -191,7 +195,8 @@ class DepthDemo:
         return Path(tempfile.mkdtemp(prefix="request-", dir=self.root))
 
     def predict(self, image_path: str | None, camera: str = "auto", fov_deg: float = DEFAULT_HFOV_DEG):
-        """Image file -> depth picture, slider pair, min/median/max (m), PNG/NPY/PLY files, 3D view, notes, depth."""
+        """Image file -> depth picture, slider pair, min/median/max (m), PNG/NPY/PLY files, 3D view, notes, depth,
+        then uncertainty picture, uncertainty .npy file and uncertainty map (None without depth bins)."""
         if not image_path:
             raise gr.Error("No image: upload one or pick an example.")
         started = time.perf_counter()
@@ -202,7 +207,8 @@ class DepthDemo:
         if camera not in {value for _, value in CAMERAS}:
             raise gr.Error(f"camera must be one of {[value for _, value in CAMERAS]}, got {camera!r}")
         # the pipeline reads the picture as decoded (16-bit, alpha); the slider and the points show what it saw
-        depth = self.pipeline(image)["metric_depth"]
+        result = self.pipeline(image)
+        depth = result["metric_depth"]
         rgb = to_rgb8_image(image)
         model_seconds = time.perf_counter() - started
 
@@ -246,21 +252,41 @@ class DepthDemo:
             str(view_path),
             notes,
             depth,
+            *self._uncertainty_outputs(result.get("uncertainty"), folder, stem),
         )
 
     # `predict`'s outputs with nothing in them
-    CLEARED = (None, None, None, None, None, None, None, None, None, "", None)
+    CLEARED = (None, None, None, None, None, None, None, None, None, "", None, None, None, None)
 
     def clear(self):
         """A new image (uploaded, an example, or removed): what was read from the previous one goes, the clicked
         point's depth with it."""
-        return self.CLEARED + (CLICK_PROMPT,)
+        return self.CLEARED + (CLICK_PROMPT, UNCERTAINTY_CLICK_PROMPT)
 
     def predict_new_image(self, image_path: str | None, camera: str = "auto", fov_deg: float = DEFAULT_HFOV_DEG):
         """`predict` for an image that just arrived; a removed image leaves the page cleared."""
         if not image_path:
             return self.CLEARED
         return self.predict(image_path, camera, fov_deg)
+
+    @staticmethod
+    def _uncertainty_outputs(uncertainty: np.ndarray | None, folder: Path, stem: str):
+        """The Uncertainty tab's picture and .npy file, and the map for clicks; None for a model without bins."""
+        if uncertainty is None:
+            return None, None, None
+        path = folder / f"{stem}_uncertainty.npy"
+        np.save(path, uncertainty.astype(np.float32))
+        return uncertainty_figure(uncertainty), str(path), uncertainty
+
+    @staticmethod
+    def uncertainty_at(uncertainty: np.ndarray | None, depth: np.ndarray | None, event: gr.SelectData) -> str:
+        if uncertainty is None or depth is None:
+            return UNCERTAINTY_CLICK_PROMPT
+        x, y = (int(v) for v in event.index)
+        height, width = uncertainty.shape
+        if not (0 <= x < width and 0 <= y < height):
+            return "Click on the uncertainty map itself (left of the colour bar)."
+        return f"±{float(uncertainty[y, x]):.3f} m (depth {float(depth[y, x]):.3f} m) at pixel x={x}, y={y}"
 
     @staticmethod
     def depth_at(depth: np.ndarray | None, event: gr.SelectData) -> str:
@@ -316,6 +342,25 @@ class DepthDemo:
                             )  # fmt: skip
                         with gr.Tab("RGB | depth"):  # short names: all three fit at phone width
                             slider = gr.ImageSlider(label="Drag the handle: RGB | depth", type="pil", format="png")
+                        with gr.Tab("Uncertainty"):
+                            uncertainty_note = (
+                                "Standard deviation of the model's per-pixel depth-bin distribution, in metres: where "
+                                "it is large (red) the model hesitates between depths. Click to read a point."
+                                if has_depth_bins(self.pipeline.model.config)
+                                else "This model has no depth bins (head='regression'), so no uncertainty."
+                            )
+                            gr.Markdown(uncertainty_note)
+                            uncertainty_picture = gr.Image(
+                                label="Uncertainty (m)", show_label=False, buttons=[], type="pil", format="png",
+                                interactive=False, elem_id="uncertainty-figure",
+                            )  # fmt: skip
+                            uncertainty_clicked = gr.Textbox(
+                                label="Uncertainty at the clicked point", interactive=False,
+                                value=UNCERTAINTY_CLICK_PROMPT, elem_id="clicked-uncertainty",
+                            )  # fmt: skip
+                            uncertainty_npy = gr.DownloadButton(
+                                "uncertainty float32 .npy (m)", elem_id="download-uncertainty"
+                            )
                         with gr.Tab("3D"):
                             view = gr.Model3D(
                                 label="Point cloud (m): drag to orbit",
@@ -339,20 +384,29 @@ class DepthDemo:
                         ply = gr.DownloadButton("PLY point cloud (m)", elem_id="download-ply")
                     notes = gr.Textbox(label="Run", interactive=False, elem_id="notes")
             depth_state = gr.State()
-            outputs = [figure, slider, low, median, high, png, npy, ply, view, notes, depth_state]
+            uncertainty_state = gr.State()
+            outputs = [
+                figure, slider, low, median, high, png, npy, ply, view, notes, depth_state,
+                uncertainty_picture, uncertainty_npy, uncertainty_state,
+            ]  # fmt: skip
             predicted = run.click(
                 self.predict, inputs=[image_input, camera, fov], outputs=outputs, api_name="predict",
                 api_description="Metric depth of an image: the depth picture with its colour bar, an RGB/depth pair, "
                 "min/median/max depth in metres, the 16-bit PNG (mm), float32 .npy (m) and PLY files, a 3D preview "
-                "and notes. `camera` is auto, nyu or fov (then `fov_deg` is used).",
+                "and notes, then the uncertainty picture and float32 .npy (m; none for a model without depth bins). "
+                "`camera` is auto, nyu or fov (then `fov_deg` is used).",
             )  # fmt: skip
             # an upload, a clicked example or a removed image: the previous readings go at once, then the model runs
             arrived = image_input.change(
-                self.clear, outputs=[*outputs, clicked], queue=False, api_visibility="private"
+                self.clear, outputs=[*outputs, clicked, uncertainty_clicked], queue=False, api_visibility="private"
             ).then(self.predict_new_image, inputs=[image_input, camera, fov], outputs=outputs, api_visibility="private")
             for event in (predicted, arrived):
                 event.then(lambda path: path, inputs=[ply], outputs=[ply_3d], queue=False, api_visibility="private")
             figure.select(self.depth_at, inputs=[depth_state], outputs=[clicked], api_visibility="private")
+            uncertainty_picture.select(
+                self.uncertainty_at, inputs=[uncertainty_state, depth_state], outputs=[uncertainty_clicked],
+                api_visibility="private",
+            )  # fmt: skip
         return demo
 
 

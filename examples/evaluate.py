@@ -18,8 +18,10 @@ Protocol (the one of the BTS / AdaBins / DenseDepth NYU evaluation code):
 
 Writes to `--output_dir` (checked before any work, created only once every argument is valid): `metrics.json` (the metrics, `num_images`, the skipped frames
 and the `protocol`), `metrics.md`,
-`per_image_metrics.csv`, `samples.png` (RGB | ground truth | prediction | absolute error for a few frames) and,
-with `--save_predictions`, one float32 `.npy` in metres per frame under `predictions/`.
+`per_image_metrics.csv`, `samples.png` (RGB | ground truth | prediction | absolute error for a few frames),
+with `--save_predictions` one float32 `.npy` in metres per frame under `predictions/`, and with `--uncertainty` the
+sparsification curves of the model's per-pixel uncertainty and their AUSE (AbsRel, RMSE) beside a random order in
+`metrics.json` / `metrics.md` and `sparsification.png` (`modeling_moa_depthclip.evaluation.uncertainty`).
 
 Under `accelerate launch` with several processes the frames are split between the processes without padding and
 the per-image results are gathered and merged by frame name, so every frame is counted exactly once.
@@ -71,6 +73,7 @@ from modeling_moa_depthclip.evaluation import (  # noqa: E402
     write_evaluation_outputs,
 )
 from modeling_moa_depthclip.loading import ModelLoadError, load_config, load_model_and_processor  # noqa: E402
+from modeling_moa_depthclip.uncertainty import has_depth_bins  # noqa: E402
 from sample_data import NYU_SAMPLE_DIR  # noqa: E402
 
 PROG = Path(__file__).name
@@ -108,7 +111,10 @@ class EvaluateArguments:
     synthetic_size: list[int] = field(default_factory=lambda: [480, 640], metadata={"metavar": "PIXELS", "help": (
         "HEIGHT WIDTH: frame size of synthetic scenes")})
     num_visual_samples: int = field(default=4, metadata={"help": "frames in samples.png (0: none)"})
-    seed: int = field(default=0, metadata={"help": "seed of the synthetic scenes"})
+    seed: int = field(default=0, metadata={"help": "seed of the synthetic scenes and of the random order"})
+    uncertainty: bool = field(default=False, metadata={"help": (
+        "also evaluate the per-pixel uncertainty (std of the depth bins): sparsification curves, AUSE for AbsRel and "
+        "RMSE beside a random order (seeded by --seed), in metrics.json/metrics.md and sparsification.png")})
 
     def __post_init__(self):
         check_pairs(self, "input_size", "synthetic_size")
@@ -127,6 +133,9 @@ def checked_inputs(args: EvaluateArguments):
     except ModelLoadError as error:
         hint = " (train one first with examples/train.py, or pass --model)" if args.model == DEFAULT_MODEL else ""
         raise ArgumentValueError("--model", f"{error}{hint}") from None
+    if args.uncertainty and not has_depth_bins(config):
+        raise ArgumentValueError("--uncertainty", f"model {args.model} has no depth bins (head={config.head!r}), so "
+                                 "no per-pixel uncertainty to evaluate")
     min_depth = config.min_depth if args.min_depth is None else args.min_depth
     max_depth = config.max_depth if args.max_depth is None else args.max_depth
     if not 0 < min_depth < max_depth:
@@ -165,6 +174,7 @@ def run(args: EvaluateArguments) -> dict:
         flip_average=args.flip_average, input_size=args.input_size, num_visual_samples=args.num_visual_samples,
         predictions_dir=output_dir / "predictions" if args.save_predictions else None,
         dataset_name=f"{args.dataset} ({args.split})", model_name=args.model,
+        uncertainty=args.uncertainty, uncertainty_seed=args.seed,
     )
     start = time.perf_counter()
     try:

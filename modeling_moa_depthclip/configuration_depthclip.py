@@ -46,7 +46,9 @@ class DepthCLIPConfig(PreTrainedConfig):
 
     model_type = "depthclip_zero_shot"
     sub_configs = {"vision_config": CLIPVisionConfig}
-    keys_to_ignore_at_inference = ["hidden_states", "attentions", "prompt_logits", "loss_components", "valid_label_mask"]
+    keys_to_ignore_at_inference = [
+        "hidden_states", "attentions", "prompt_logits", "depth_uncertainty", "loss_components", "valid_label_mask"
+    ]
 
     def __init__(
         self,

@@ -129,6 +129,7 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         "regression_depth",
         "fusion_weight",
         "bin_logits",
+        "depth_uncertainty",
         "router_probs",
         "prompt_probs",
         "router_aux_loss",

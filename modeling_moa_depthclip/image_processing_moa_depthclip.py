@@ -320,9 +320,11 @@ class MoADepthCLIPImageProcessor(BaseImageProcessor):
         """Resize `outputs.predicted_depth` (metres) to each target `(height, width)` with bilinear interpolation.
 
         Returns one `{"predicted_depth": tensor of shape (height, width)}` per image; without `target_sizes` the
-        depth stays at the model's output size.
+        depth stays at the model's output size. Where the outputs carry them, `depth_uncertainty` (metres) and
+        `fusion_weight` (on the head's grid) are resized to the same size the same way and returned as
+        `"uncertainty"` and `"fusion_weight"`.
         """
-        predicted_depth = outputs["predicted_depth"] if isinstance(outputs, dict) else outputs.predicted_depth
+        predicted_depth = _output_field(outputs, "predicted_depth")
         if predicted_depth.dim() == 4 and predicted_depth.shape[1] == 1:
             predicted_depth = predicted_depth.squeeze(1)
         if predicted_depth.dim() != 3:
@@ -331,14 +333,34 @@ class MoADepthCLIPImageProcessor(BaseImageProcessor):
             raise ValueError(
                 f"got {len(target_sizes)} target sizes for a batch of {len(predicted_depth)} depth maps"
             )
+        companions = {}
+        for key, name in (("uncertainty", "depth_uncertainty"), ("fusion_weight", "fusion_weight")):
+            value = _output_field(outputs, name)
+            if value is not None:
+                if value.dim() != 3 or len(value) != len(predicted_depth):
+                    raise ValueError(
+                        f"{name} must be (batch={len(predicted_depth)}, height, width), got {tuple(value.shape)}"
+                    )
+                companions[key] = value
         results = []
         for index, depth in enumerate(predicted_depth):
-            if target_sizes is not None:
-                target = tuple(int(s) for s in target_sizes[index])
-                if target != tuple(depth.shape):
-                    depth = F.interpolate(depth[None, None].float(), size=target, mode="bilinear")[0, 0]
-            results.append({"predicted_depth": depth})
+            target = tuple(int(s) for s in target_sizes[index]) if target_sizes is not None else tuple(depth.shape)
+            result = {"predicted_depth": _resize_map(depth, target)}
+            for key, values in companions.items():
+                result[key] = _resize_map(values[index], target)
+            results.append(result)
         return results
+
+
+def _output_field(outputs, name):
+    return outputs.get(name) if isinstance(outputs, dict) else getattr(outputs, name, None)
+
+
+def _resize_map(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """One `(height, width)` map resized bilinearly (half-pixel centres), as the model upsamples its depth."""
+    if tuple(values.shape) == tuple(size):
+        return values
+    return F.interpolate(values[None, None].float(), size=size, mode="bilinear")[0, 0]
 
 
 __all__ = [

@@ -15,7 +15,8 @@ from transformers.modeling_outputs import DepthEstimatorOutput
 
 from .configuration_depthclip import DepthCLIPConfig
 from .losses import DepthLoss
-from .modeling_moa_depthclip import CLIPDepthPreTrainedModel, check_pixel_values, init_prompt_embeddings
+from .modeling_moa_depthclip import CLIPDepthPreTrainedModel, check_pixel_values, init_prompt_embeddings, upsample_to_input
+from .uncertainty import bin_distribution_std
 
 
 @dataclass
@@ -25,12 +26,15 @@ class DepthCLIPDepthEstimatorOutput(DepthEstimatorOutput):
     predicted_depth (`torch.FloatTensor` of shape `(batch_size, height, width)`): Depth in metres at the input size.
     prompt_logits (`torch.FloatTensor` of shape `(batch_size, num_prompts, grid_height, grid_width)`):
         `logit_scale * cos / prompt_temperature` of each patch with each prompt.
+    depth_uncertainty (`torch.FloatTensor` of shape `(batch_size, height, width)`):
+        Standard deviation in metres of each patch's distribution over the prompts' depths, at the input size.
     loss_components (`dict[str, torch.FloatTensor]`, *optional*): Each unweighted loss term, detached.
     valid_label_mask (`torch.BoolTensor` of shape `(batch_size, label_height, label_width)`, *optional*):
         The label pixels the loss used (finite, within `[config.min_depth, config.max_depth]`), with `labels`.
     """
 
     prompt_logits: torch.FloatTensor | None = None
+    depth_uncertainty: torch.FloatTensor | None = None
     loss_components: dict | None = None
     valid_label_mask: torch.BoolTensor | None = None
 
@@ -115,8 +119,8 @@ class DepthCLIPForDepthEstimation(DepthCLIPPreTrainedModel):
         probabilities = logits.float().softmax(dim=-1)
         bin_depths = torch.tensor(config.bin_depths, device=probabilities.device, dtype=probabilities.dtype)
         depth = (probabilities @ bin_depths).unflatten(1, grid)
-        predicted_depth = F.interpolate(depth.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
-        predicted_depth = predicted_depth.squeeze(1)
+        predicted_depth = upsample_to_input(depth, pixel_values)
+        spread = bin_distribution_std(probabilities, bin_depths, dim=-1).unflatten(1, grid)
 
         loss_output = self.depth_loss(predicted_depth, None, labels, []) if labels is not None else None
         loss = loss_output.loss if loss_output is not None else None
@@ -128,6 +132,7 @@ class DepthCLIPForDepthEstimation(DepthCLIPPreTrainedModel):
             predicted_depth=predicted_depth,
             hidden_states=outputs.hidden_states if output_hidden_states else None,
             prompt_logits=logits.transpose(1, 2).unflatten(2, grid),
+            depth_uncertainty=upsample_to_input(spread, pixel_values),
             loss_components=loss_output.components if loss_output is not None else None,
             valid_label_mask=loss_output.valid_mask if loss_output is not None else None,
         )

@@ -28,6 +28,7 @@ from .configuration_moa_depthclip import MoADepthCLIPConfig
 from .loading import WeightsFileError, check_model_folder, check_weights
 from .losses import DepthLoss, depth_bin_centers, depth_bin_edges  # noqa: F401  (depth_bin_edges: importable here)
 from .pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
+from .uncertainty import bin_distribution_std
 
 
 @dataclass
@@ -43,6 +44,9 @@ class MoADepthCLIPDepthEstimatorOutput(DepthEstimatorOutput):
     fusion_weight (`torch.FloatTensor` of shape `(batch_size, grid_height, grid_width)`):
         Per-pixel weight of the classification branch in the fused depth.
     bin_logits (`torch.FloatTensor` of shape `(batch_size, num_depth_bins, grid_height, grid_width)`)
+    depth_uncertainty (`torch.FloatTensor` of shape `(batch_size, height, width)`, *optional*):
+        Standard deviation in metres of the per-pixel bin distribution, upsampled like `predicted_depth`; None for
+        `head="regression"` (no bins).
     router_probs (`torch.FloatTensor` of shape `(batch_size, num_moa_layers, num_experts)`):
         Mean gate of each expert over the image's tokens, per MoA layer.
     prompt_probs (`torch.FloatTensor` of shape `(batch_size, num_prompts)`):
@@ -57,6 +61,7 @@ class MoADepthCLIPDepthEstimatorOutput(DepthEstimatorOutput):
     regression_depth: torch.FloatTensor | None = None
     fusion_weight: torch.FloatTensor | None = None
     bin_logits: torch.FloatTensor | None = None
+    depth_uncertainty: torch.FloatTensor | None = None
     router_probs: torch.FloatTensor | None = None
     prompt_probs: torch.FloatTensor | None = None
     router_aux_loss: torch.FloatTensor | None = None
@@ -510,6 +515,11 @@ class MoADepthCLIPEncoder(nn.Module):
         )
 
 
+def upsample_to_input(values: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """A `(batch, h, w)` map on the head's grid, upsampled bilinearly (half-pixel centres) to the input size."""
+    return F.interpolate(values.unsqueeze(1), size=pixel_values.shape[-2:], mode="bilinear").squeeze(1)
+
+
 def check_pixel_values(pixel_values, vision_config) -> torch.Tensor:
     """`pixel_values` as a CLIP ViT of `vision_config` takes them; a `ValueError` names the shape otherwise."""
     if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
@@ -678,6 +688,12 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
             else None
         )
 
+        depth_uncertainty = None
+        if head.classification is not None:
+            bins = head.classification
+            std = bin_distribution_std(bins.bin_probabilities, bins.bin_centers)
+            depth_uncertainty = upsample_to_input(std, pixel_values)
+
         loss = loss_output.loss if loss_output is not None else None
         if not return_dict:
             output = (predicted_depth,) + ((encoded.hidden_states,) if output_hidden_states else ())
@@ -691,6 +707,7 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
             regression_depth=head.regression_depth,
             fusion_weight=head.fusion_weight,
             bin_logits=bin_logits,
+            depth_uncertainty=depth_uncertainty,
             router_probs=torch.stack([g.mean(dim=1) for g in gates], dim=1) if gates else None,
             prompt_probs=encoded.prompt_probs,
             router_aux_loss=loss_output.router_aux_loss if loss_output is not None else None,
@@ -700,8 +717,7 @@ class MoADepthCLIPForDepthEstimation(MoADepthCLIPPreTrainedModel):
 
     def to_input_size(self, depth: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         """The head's depth upsampled bilinearly to the input size, within `[min_depth, max_depth]`."""
-        depth = F.interpolate(depth.unsqueeze(1), size=pixel_values.shape[-2:], mode="bilinear").squeeze(1)
-        return depth.clamp(self.config.min_depth, self.config.max_depth)
+        return upsample_to_input(depth, pixel_values).clamp(self.config.min_depth, self.config.max_depth)
 
 
 __all__ = [

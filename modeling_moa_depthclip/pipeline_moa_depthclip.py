@@ -4,7 +4,7 @@ import numpy as np
 from transformers import DepthEstimationPipeline
 
 from .image_processing_moa_depthclip import to_float_rgb
-from .visualization import colorize_unit_depth, grayscale_unit_depth, normalize_depth
+from .visualization import colorize_uncertainty, colorize_unit_depth, grayscale_unit_depth, normalize_depth
 
 
 class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
@@ -14,7 +14,10 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
     - `predicted_depth`: `torch.Tensor` `(height, width)` at the input image's size (metres for MoA-DepthCLIP);
     - `metric_depth`: the same as a float32 NumPy array;
     - `depth`: 8-bit greyscale `PIL.Image` (a constant map gives black instead of dividing by zero);
-    - `colored_depth`: RGB `PIL.Image`, Turbo colour map, near is red.
+    - `colored_depth`: RGB `PIL.Image`, Turbo colour map, near is red;
+    - for a model with depth bins (every head but `"regression"`): `uncertainty`, the standard deviation of the
+      per-pixel bin distribution in metres as a float32 NumPy array at the image's size, and `colored_uncertainty`,
+      an RGB `PIL.Image` of it (Turbo from 0 m, blue, to its largest value, red).
 
     Images are read by the image processor's rule (`to_float_rgb`), not by transformers' `load_image`, whose
     conversion to 8-bit RGB clips 16-bit pictures and drops alpha: paths (an unreadable file fails with one error
@@ -38,14 +41,17 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
             depth = output["predicted_depth"].detach().float().cpu()
             array = depth.numpy().astype(np.float32)
             unit = normalize_depth(array)
-            formatted.append(
-                {
-                    "predicted_depth": depth,
-                    "metric_depth": array,
-                    "depth": grayscale_unit_depth(unit),
-                    "colored_depth": colorize_unit_depth(unit),
-                }
-            )
+            result = {
+                "predicted_depth": depth,
+                "metric_depth": array,
+                "depth": grayscale_unit_depth(unit),
+                "colored_depth": colorize_unit_depth(unit),
+            }
+            if output.get("uncertainty") is not None:
+                uncertainty = output["uncertainty"].detach().float().cpu().numpy().astype(np.float32)
+                result["uncertainty"] = uncertainty
+                result["colored_uncertainty"] = colorize_uncertainty(uncertainty)
+            formatted.append(result)
         return formatted[0] if len(formatted) == 1 else formatted
 
 

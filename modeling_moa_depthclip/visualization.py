@@ -1,7 +1,10 @@
 """Depth maps as pictures, without a plotting library: the Turbo colour map as a polynomial fit."""
 
+import math
+from typing import Callable
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 # Polynomial fit of Google's Turbo colour map (A. Mikhailov, 2019; fit by R. Du), max error ~1/255.
@@ -70,6 +73,72 @@ def grayscale_depth(depth: np.ndarray) -> Image.Image:
 
 def grayscale_unit_depth(unit: np.ndarray) -> Image.Image:
     return Image.fromarray((unit * 255.0 + 0.5).astype(np.uint8), mode="L")
+
+
+def colorize_unit_uncertainty(unit: np.ndarray) -> Image.Image:
+    """RGB picture of uncertainty already scaled to [0, 1]: confident is blue, uncertain is red (Turbo)."""
+    return Image.fromarray(turbo(unit), mode="RGB")
+
+
+def colorize_uncertainty(uncertainty: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> Image.Image:
+    """Uncertainty map (metres) as an RGB picture over [vmin, vmax] (default: `uncertainty_range`)."""
+    if vmin is None or vmax is None:
+        low, high = uncertainty_range(uncertainty)
+        vmin = low if vmin is None else vmin
+        vmax = high if vmax is None else vmax
+    return colorize_unit_uncertainty(normalize_depth(uncertainty, vmin, vmax))
+
+
+def uncertainty_range(uncertainty: np.ndarray) -> tuple[float, float]:
+    """Colour range of an uncertainty map: from 0 m (no spread) to its largest finite value (at least 1 cm)."""
+    finite = np.asarray(uncertainty, dtype=np.float32)
+    finite = finite[np.isfinite(finite)]
+    return 0.0, max(float(finite.max()) if finite.size else 0.0, 0.01)
+
+
+def _nice_step(span: float, target_ticks: int = 6) -> float:
+    raw = span / max(target_ticks, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+
+
+def map_with_colour_bar(
+    values: np.ndarray, vmin: float, vmax: float, colorize_unit: Callable[[np.ndarray], Image.Image], unit: str = "m"
+) -> Image.Image:
+    """A map coloured by `colorize_unit` (its own pixels, so clicks map to them) with a colour bar on its right,
+    `vmax` at the top, ticks labelled in `unit`."""
+    values = np.asarray(values, dtype=np.float32)
+    height, width = values.shape
+    coloured = colorize_unit(normalize_depth(values, vmin, vmax))
+    font_size = max(12, height // 30)
+    font = ImageFont.load_default(size=font_size)
+    figure = Image.new("RGB", (width + int(font_size * 6), height), "white")
+    figure.paste(coloured, (0, 0))
+    draw = ImageDraw.Draw(figure)
+    # the top is left free for the image toolbar a web page draws over the corner
+    top, bottom = int(font_size * 2.5), height - font_size
+    bar_left, bar_width = width + font_size, max(12, font_size)
+    if bottom - top >= 2:
+        gradient = np.linspace(1.0, 0.0, bottom - top, dtype=np.float32)[:, None].repeat(bar_width, axis=1)
+        figure.paste(colorize_unit(gradient), (bar_left, top))
+        draw.rectangle((bar_left - 1, top - 1, bar_left + bar_width, bottom), outline="black")
+        step = _nice_step(vmax - vmin)
+        digits = max(0, -math.floor(math.log10(step) + 1e-9)) if step < 1 else 0
+        tick = math.ceil(vmin / step - 1e-9) * step
+        while tick <= vmax + 1e-9:
+            y = bottom - (tick - vmin) / (vmax - vmin) * (bottom - top)
+            draw.line((bar_left + bar_width, y, bar_left + bar_width + 5, y), fill="black")
+            draw.text((bar_left + bar_width + 8, y), f"{tick:.{digits}f} {unit}", fill="black", font=font, anchor="lm")
+            tick += step
+    return figure
+
+
+def uncertainty_figure(uncertainty: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> Image.Image:
+    """The uncertainty map (confident blue, uncertain red) with a colour bar in metres."""
+    low, high = uncertainty_range(uncertainty)
+    return map_with_colour_bar(
+        uncertainty, low if vmin is None else vmin, high if vmax is None else vmax, colorize_unit_uncertainty
+    )
 
 
 def plot_loss_curve(loss_history, path, eval_history=(), metric: str = "abs_rel", title: str = "MoA-DepthCLIP training"):

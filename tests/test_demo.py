@@ -84,7 +84,7 @@ def client(server):
 
 
 def _check_outputs(result, expected_depth: np.ndarray):
-    figure, slider, low, median, high, png, npy, ply, view, notes = result
+    figure, slider, low, median, high, png, npy, ply, view, notes = result[:10]
     height, width = expected_depth.shape
     depth = np.load(npy)
     assert depth.dtype == np.float32 and depth.shape == (height, width)
@@ -127,6 +127,17 @@ def test_client_gets_the_depth_files_of_a_real_nyu_frame(server, client, nyu_sam
     u = np.tile(np.arange(640), 480)
     np.testing.assert_allclose(records["x"], (u - NYU_INTRINSICS.cx) * depth.ravel() / NYU_INTRINSICS.fx, atol=1e-5)
     assert "fx=518.9" in result[9]
+
+
+def test_client_gets_the_uncertainty_after_the_depth_outputs(server, client, nyu_sample_dir):
+    frame = nyu_sample_dir / "00008_colors.png"
+    expected = server["pipeline"](Image.open(frame).convert("RGB"))["uncertainty"]
+    result = client.predict(gradio_client.handle_file(str(frame)), "nyu", 60.0, api_name="/predict")
+    assert len(result) == 12  # the ten depth outputs stay first
+    figure, npy = result[10:]
+    np.testing.assert_allclose(np.load(npy), expected, rtol=1e-5, atol=1e-6)
+    picture = Image.open(figure)
+    assert picture.height == 480 and picture.width > 640  # the map and its colour bar in metres
 
 
 def test_an_uploaded_photo_keeps_its_exif_focal_length(client, tmp_path):
@@ -414,3 +425,34 @@ def test_without_webgl_the_3d_tab_says_so_and_offers_the_ply(server, browser, tm
         np.testing.assert_allclose(np.sort(records["z"]), np.sort(expected.ravel()), rtol=1e-5)
     finally:
         no_webgl.close()
+
+
+def test_page_in_chromium_shows_the_uncertainty_and_reads_a_point(server, browser, nyu_sample_dir):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(server["url"])
+    page.wait_for_selector("#run", timeout=60_000)
+    frame = nyu_sample_dir / "00014_colors.png"
+    page.set_input_files("#input-image input[type=file]", str(frame))
+    page.locator("#depth-figure img").wait_for(timeout=60_000)
+    page.get_by_role("tab", name="Uncertainty").click()
+    picture = page.locator("#uncertainty-figure img")
+    picture.wait_for(timeout=60_000)
+    geometry = picture.evaluate(
+        "img => { const r = img.getBoundingClientRect(); return [r.x, r.y, r.width, r.height, img.naturalWidth,"
+        " img.naturalHeight]; }"
+    )
+    x, y, box_width, box_height, natural_width, natural_height = geometry
+    scale = min(box_width / natural_width, box_height / natural_height)
+    left = x + (box_width - natural_width * scale) / 2
+    top = y + (box_height - natural_height * scale) / 2
+    page.mouse.click(left + 120.5 * scale, top + 200.5 * scale)
+    page.wait_for_function("() => document.querySelector('#clicked-uncertainty textarea').value.includes('at pixel')")
+    text = page.locator("#clicked-uncertainty textarea").input_value()
+    match = re.fullmatch(r"±(\d+\.\d{3}) m \(depth (\d+\.\d{3}) m\) at pixel x=(\d+), y=(\d+)", text)
+    assert match, text
+    px, py = int(match[3]), int(match[4])
+    assert abs(px - 120) <= 2 and abs(py - 200) <= 2
+    expected = server["pipeline"](Image.open(frame).convert("RGB"))
+    assert float(match[1]) == pytest.approx(expected["uncertainty"][py, px], abs=1e-3)  # the page's reading is the map's
+    assert float(match[2]) == pytest.approx(expected["metric_depth"][py, px], abs=1e-3)
+    page.close()

@@ -81,7 +81,7 @@ def test_export_passes_checker_with_dynamic_batch(exported):
     batch_dim = pixel_values.type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value
     assert [d.dim_value for d in pixel_values.type.tensor_type.shape.dim[1:]] == [3, 64, 64]
-    assert [output.name for output in graph.output] == ["predicted_depth"]
+    assert [output.name for output in graph.output] == ["predicted_depth", "depth_uncertainty"]
     assert exporter.onnx_opset(path) == exporter.DEFAULT_OPSET
 
 
@@ -91,16 +91,21 @@ def test_onnxruntime_matches_pytorch(exported, batch_size):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     pixel_values = torch.randn(batch_size, 3, 64, 64, generator=torch.Generator().manual_seed(batch_size))
     with torch.no_grad():
-        reference = model(pixel_values=pixel_values).predicted_depth.numpy()
-    (depth,) = session.run(None, {"pixel_values": pixel_values.numpy()})
-    assert depth.shape == (batch_size, 64, 64)
-    assert np.abs(depth - reference).max() <= TOLERANCE_M
+        reference = model(pixel_values=pixel_values)
+    depth, uncertainty = session.run(None, {"pixel_values": pixel_values.numpy()})
+    assert depth.shape == uncertainty.shape == (batch_size, 64, 64)
+    assert np.abs(depth - reference.predicted_depth.numpy()).max() <= TOLERANCE_M
+    assert np.abs(uncertainty - reference.depth_uncertainty.numpy()).max() <= TOLERANCE_M
 
 
 def test_compare_on_real_frames(exported, frames):
     model, processor, path = exported
     differences = exporter.compare_with_pytorch(model, processor, path, frames)
-    assert set(differences) == {"batch 1", f"batch {len(frames)}", "torch-free path at image size"}
+    assert set(differences) == {
+        "batch 1", f"batch {len(frames)}", "torch-free path at image size",
+        "batch 1 depth_uncertainty", f"batch {len(frames)} depth_uncertainty",
+        "torch-free path at image size uncertainty",
+    }  # fmt: skip
     assert max(differences.values()) <= TOLERANCE_M
 
 

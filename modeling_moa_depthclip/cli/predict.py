@@ -2,12 +2,14 @@
 
     moa-depthclip predict IMAGE_OR_FOLDER... --model PATH_OR_HUB_ID --output-dir DIR [--overwrite]
                           [--batch-size N] [--dtype float32|bfloat16|float16] [--device DEVICE]
-                          [--point-cloud [--fov DEG | --intrinsics nyu|fx,fy,cx,cy]]
+                          [--point-cloud [--fov DEG | --intrinsics nyu|fx,fy,cx,cy]] [--uncertainty]
     moa-depthclip --version
 
 Per image it writes `<stem>_depth.png` (uint16, millimetres: the NYU convention), `<stem>_depth.npy` (float32,
 metres) and `<stem>_depth_color.png` (Turbo colour map, near is red); with `--point-cloud` also `<stem>_points.ply`
-(coloured points in metres). A folder stands for its image files, sorted by name; its `X_depth.*` files beside
+(coloured points in metres); with `--uncertainty` also `<stem>_uncertainty.npy` (float32, metres: the standard
+deviation of the model's per-pixel depth-bin distribution) and `<stem>_uncertainty.png` (colour-mapped, with a colour
+bar in metres); a model without depth bins says so in one line and writes neither. A folder stands for its image files, sorted by name; its `X_depth.*` files beside
 `X_colors.*` (a dataset's ground truth, as in NYU Depth V2 folders) are skipped with one line saying so.
 
 Everything that can be checked is checked before the model is loaded: option combinations, outputs that exist,
@@ -26,14 +28,16 @@ from PIL import Image
 
 from .arguments import positive_int
 from ..image_processing_moa_depthclip import ImageLoadError, load_image_file
-from ..loading import ModelLoadError
+from ..loading import ModelLoadError, load_config
 from ..geometry.point_cloud import DEFAULT_HFOV_DEG, depth_to_point_cloud, parse_intrinsics, resolve_intrinsics, write_ply
-from ..visualization import colorize_depth
+from ..uncertainty import has_depth_bins
+from ..visualization import colorize_depth, uncertainty_figure
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DTYPES = ("float32", "bfloat16", "float16")
 POINT_CLOUD_SUFFIX = "_points.ply"
+UNCERTAINTY_SUFFIXES = ("_uncertainty.npy", "_uncertainty.png")
 
 
 def _fail(message: str, code: int = 2):
@@ -68,7 +72,7 @@ def load_depth_pipeline(model: str, device: str | None = None, dtype: str | None
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# outputs: one writer per kind, each `(path, image, depth_metres, args)`
+# outputs: one writer per kind, each `(path, image, values, args)`; `values` is the pipeline result's `Output.key`
 
 
 def depth_to_millimetres_png(depth_metres: np.ndarray) -> Image.Image:
@@ -102,9 +106,14 @@ def write_point_cloud_ply(path, image, depth, args):
     write_point_cloud(image, depth, path, fov=args.fov, intrinsics=args.intrinsics)
 
 
+def write_uncertainty_png(path, image, uncertainty, args):
+    uncertainty_figure(uncertainty).save(path)
+
+
 class Output(NamedTuple):
     suffix: str
     write: Callable
+    key: str = "metric_depth"
 
 
 # every run writes these; options add theirs in `outputs_for`
@@ -116,10 +125,19 @@ DEPTH_OUTPUTS = (
 OUTPUT_SUFFIXES = tuple(output.suffix for output in DEPTH_OUTPUTS)
 
 
-def outputs_for(args) -> list[Output]:
+UNCERTAINTY_OUTPUTS = (
+    Output(UNCERTAINTY_SUFFIXES[0], write_metre_npy, "uncertainty"),
+    Output(UNCERTAINTY_SUFFIXES[1], write_uncertainty_png, "uncertainty"),
+)
+
+
+def outputs_for(args, config=None) -> list[Output]:
+    """What each image gets; `--uncertainty` adds its files only for a model (`config`) with depth bins."""
     outputs = list(DEPTH_OUTPUTS)
     if args.point_cloud:
         outputs.append(Output(POINT_CLOUD_SUFFIX, write_point_cloud_ply))
+    if getattr(args, "uncertainty", False) and (config is None or has_depth_bins(config)):
+        outputs.extend(UNCERTAINTY_OUTPUTS)
     return outputs
 
 
@@ -225,8 +243,14 @@ def predict(args) -> int:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         _fail(f"--output-dir {output_dir} is a file, not a folder")
-    outputs = outputs_for(args)
-    paths, failures = expand_inputs(args.images, output_dir, [output.suffix for output in outputs])
+    config = None
+    if args.uncertainty:  # whether the model has depth bins decides the outputs: its config alone, no weights
+        config = load_config(args.model)
+        if not has_depth_bins(config):
+            _note(f"--uncertainty: {args.model} has no depth bins (head={config.head!r}), so no uncertainty; no "
+                  "_uncertainty files are written")  # fmt: skip
+    outputs = outputs_for(args, config)
+    paths, failures = expand_inputs(args.images, output_dir, [output.suffix for output in outputs_for(args)])
     planned, refused = plan_outputs(paths, output_dir, outputs, args.overwrite)
     planned, unreadable = check_inputs(planned)
     failures += refused + unreadable
@@ -252,8 +276,11 @@ def predict(args) -> int:
             for (image_path, targets, image), result in zip(loaded, results):
                 depth = result["metric_depth"]
                 for output, target in zip(outputs, targets):
-                    output.write(target, image, depth, args)
-                progress.write(f"{image_path}: depth {depth.min():.2f}-{depth.max():.2f} m -> {targets[0]}")
+                    output.write(target, image, result[output.key], args)
+                line = f"{image_path}: depth {depth.min():.2f}-{depth.max():.2f} m"
+                if "uncertainty" in result and args.uncertainty:
+                    line += f", uncertainty up to {result['uncertainty'].max():.2f} m"
+                progress.write(f"{line} -> {targets[0]}")
                 progress.update(1)
     return 1 if failures else 0
 
@@ -325,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     camera.add_argument(
         "--intrinsics", type=_intrinsics_argument, default=None, metavar="nyu|fx,fy,cx,cy",
         help="camera for --point-cloud: the NYU Depth V2 preset or pixels of the input image",
+    )  # fmt: skip
+    predict_parser.add_argument(
+        "--uncertainty", action="store_true",
+        help=f"also write <stem>{UNCERTAINTY_SUFFIXES[0]} (float32, metres: the spread of the model's depth bins) "
+        f"and <stem>{UNCERTAINTY_SUFFIXES[1]} (with a colour bar in metres)",
     )  # fmt: skip
     predict_parser.set_defaults(func=predict)
     return parser

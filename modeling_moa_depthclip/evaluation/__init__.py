@@ -7,6 +7,7 @@ from .metrics import (
     NoValidDepthError,
     compute_depth_metrics,
     eigen_crop_mask,
+    evaluation_pixels,
     format_metrics_markdown,
     garg_crop_mask,
 )
@@ -26,4 +27,14 @@ from .protocol import (
     safe_frame_filename,
     save_samples_panel,
     write_evaluation_outputs,
+)
+from .uncertainty import (
+    SPARSIFICATION_FRACTIONS,
+    UNCERTAINTY_METRICS,
+    SparsificationAccumulator,
+    ause,
+    format_uncertainty_markdown,
+    image_sparsification,
+    plot_sparsification,
+    sparsification_curve,
 )

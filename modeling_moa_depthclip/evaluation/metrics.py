@@ -82,33 +82,11 @@ class NoValidDepthError(ValueError):
     """A ground-truth depth map without a single valid pixel (in range, finite, inside the crop)."""
 
 
-def compute_depth_metrics(
-    pred: Any,
-    gt: Any,
-    min_depth: float,
-    max_depth: float,
-    crop: str | np.ndarray | None = "eigen",
-) -> dict[str, float]:
-    """Standard monocular depth metrics for one image.
-
-    Args:
-        pred: predicted depth in metres, [H', W'] (NumPy array or torch tensor). Resized
-            bilinearly to the ground-truth size if it differs.
-        gt: ground-truth depth in metres, [H, W]; values outside (min_depth, max_depth] or
-            non-finite are ignored.
-        min_depth, max_depth: evaluation range, the model's (``model.config.min_depth``/``max_depth``); the
-            prediction is clamped to it.
-        crop: ``"eigen"``, ``"garg"``, ``None`` or a boolean [H, W] mask.
-
-    Returns:
-        Dict with exactly the keys of :data:`METRIC_KEYS` (Python floats). ``silog`` is the
-        BTS/AdaBins definition ``sqrt(mean(d^2) - mean(d)^2) * 100`` with
-        ``d = log(pred) - log(gt)``.
-
-    Raises:
-        ValueError: if ``pred`` or ``gt`` is not 2-D; :class:`NoValidDepthError` (a ``ValueError``) if no pixel
-            is valid.
-    """
+def evaluation_pixels(
+    pred: Any, gt: Any, min_depth: float, max_depth: float, crop: str | np.ndarray | None = "eigen"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pixels the metrics score: `(prediction, ground truth, valid mask)`, the first two float64 at the valid
+    pixels only, the mask `[H, W]` at the ground truth's size. See :func:`compute_depth_metrics` for the rules."""
     pred_np = _as_float64_array(pred)
     gt_np = _as_float64_array(gt)
     if pred_np.ndim != 2 or gt_np.ndim != 2:
@@ -138,8 +116,37 @@ def compute_depth_metrics(
             f"(range ({min_depth}, {max_depth}], crop={crop if isinstance(crop, str) or crop is None else 'mask'})"
         )
 
-    p = pred_np[valid]
-    g = gt_np[valid]
+    return pred_np[valid], gt_np[valid], valid
+
+
+def compute_depth_metrics(
+    pred: Any,
+    gt: Any,
+    min_depth: float,
+    max_depth: float,
+    crop: str | np.ndarray | None = "eigen",
+) -> dict[str, float]:
+    """Standard monocular depth metrics for one image.
+
+    Args:
+        pred: predicted depth in metres, [H', W'] (NumPy array or torch tensor). Resized
+            bilinearly to the ground-truth size if it differs.
+        gt: ground-truth depth in metres, [H, W]; values outside (min_depth, max_depth] or
+            non-finite are ignored.
+        min_depth, max_depth: evaluation range, the model's (``model.config.min_depth``/``max_depth``); the
+            prediction is clamped to it.
+        crop: ``"eigen"``, ``"garg"``, ``None`` or a boolean [H, W] mask.
+
+    Returns:
+        Dict with exactly the keys of :data:`METRIC_KEYS` (Python floats). ``silog`` is the
+        BTS/AdaBins definition ``sqrt(mean(d^2) - mean(d)^2) * 100`` with
+        ``d = log(pred) - log(gt)``.
+
+    Raises:
+        ValueError: if ``pred`` or ``gt`` is not 2-D; :class:`NoValidDepthError` (a ``ValueError``) if no pixel
+            is valid.
+    """
+    p, g, _ = evaluation_pixels(pred, gt, min_depth, max_depth, crop)
     ratio = np.maximum(g / p, p / g)
     log_diff = np.log(p) - np.log(g)
     diff = g - p

@@ -34,8 +34,10 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..data import SourceKind, classify_source, load_depth_dataset
+from ..uncertainty import has_depth_bins
 from ..utils import first_line
 from .metrics import CROPS, METRIC_KEYS, DepthMetricsAccumulator, NoValidDepthError, format_metrics_markdown
+from .uncertainty import SparsificationAccumulator, format_uncertainty_markdown, plot_sparsification
 
 
 logger = logging.getLogger(__name__)
@@ -157,27 +159,39 @@ def predict_depth(
     *,
     input_size: tuple[int, int] | None = None,
     flip_average: bool = False,
-) -> list[np.ndarray]:
+    return_uncertainty: bool = False,
+) -> list[np.ndarray] | tuple[list[np.ndarray], list[np.ndarray]]:
     """Metric depth (float32 metres) for each image, resized bilinearly to its `target_sizes` entry.
 
     With `flip_average`, the depth of the horizontally flipped image is flipped back and averaged with the direct
-    prediction (at the model's output resolution, before resizing).
+    prediction (at the model's output resolution, before resizing). With `return_uncertainty`, also the model's
+    `depth_uncertainty` (metres) resized the same way (and averaged the same way with `flip_average`), as a second
+    list; a model without it raises `ValueError`.
     """
     device, dtype = _model_device_dtype(model)
     kwargs = {"size": {"height": int(input_size[0]), "width": int(input_size[1])}} if input_size else {}
     pixel_values = image_processor(list(images), return_tensors="pt", **kwargs)["pixel_values"]
     pixel_values = pixel_values.to(device=device, dtype=dtype)
-    predicted = model(pixel_values=pixel_values).predicted_depth.float()
+    outputs = model(pixel_values=pixel_values)
+    maps = [outputs.predicted_depth.float()]
+    if return_uncertainty:
+        if getattr(outputs, "depth_uncertainty", None) is None:
+            raise ValueError("the model returns no depth_uncertainty (it has no depth bins, e.g. head='regression')")
+        maps.append(outputs.depth_uncertainty.float())
     if flip_average:
-        flipped = model(pixel_values=torch.flip(pixel_values, dims=[-1])).predicted_depth.float()
-        predicted = 0.5 * (predicted + torch.flip(flipped, dims=[-1]))
+        flipped = model(pixel_values=torch.flip(pixel_values, dims=[-1]))
+        flipped_maps = [flipped.predicted_depth] + ([flipped.depth_uncertainty] if return_uncertainty else [])
+        maps = [0.5 * (m + torch.flip(f.float(), dims=[-1])) for m, f in zip(maps, flipped_maps)]
     results = []
-    for depth, size in zip(predicted, target_sizes):
-        size = (int(size[0]), int(size[1]))
-        if tuple(depth.shape[-2:]) != size:
-            depth = F.interpolate(depth[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
-        results.append(depth.cpu().numpy().astype(np.float32))
-    return results
+    for values in maps:
+        resized = []
+        for depth, size in zip(values, target_sizes):
+            size = (int(size[0]), int(size[1]))
+            if tuple(depth.shape[-2:]) != size:
+                depth = F.interpolate(depth[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+            resized.append(depth.cpu().numpy().astype(np.float32))
+        results.append(resized)
+    return tuple(results) if return_uncertainty else results[0]
 
 
 def depth_range(model, min_depth: float | None = None, max_depth: float | None = None) -> tuple[float, float]:
@@ -240,6 +254,9 @@ class EvaluationSettings:
         num_visual_samples: how many frames (the first of the main process) to keep for the picture panel.
         dataset_name, model_name: recorded in the protocol and named in messages.
         show_progress: a progress bar on the main process.
+        uncertainty: also evaluate the model's `depth_uncertainty` with sparsification curves and AUSE
+            (`evaluation.uncertainty`), on the same pixels as the metrics; the random order is seeded with
+            `uncertainty_seed`.
     """
 
     batch_size: int = 8
@@ -253,6 +270,8 @@ class EvaluationSettings:
     dataset_name: str | None = None
     model_name: str | None = None
     show_progress: bool = True
+    uncertainty: bool = False
+    uncertainty_seed: int = 0
 
 
 def evaluate(
@@ -276,12 +295,14 @@ def evaluate(
         accelerator: with several processes the frames are split between them and the per-image results are
             gathered and merged by frame name, so every frame counts once.
         predict_fn: replaces the model call: examples -> depth maps (any size, resized to the ground truth); used
-            to check the protocol with known predictions.
+            to check the protocol with known predictions. With `uncertainty`, it returns `(depth maps, uncertainty
+            maps)`, the uncertainty at the ground truth's size.
 
     Returns:
         `{"metrics": {key: mean over images}, "num_images", "per_image": [{"name", key...}] sorted by name,
         "skipped": [names of frames without a valid ground-truth pixel], "protocol": {...},
-        "samples": [{"name", "image", "depth", "prediction"}] (main process)}`.
+        "samples": [{"name", "image", "depth", "prediction"}] (main process)}`, and with `uncertainty`
+        `"uncertainty"`: `SparsificationAccumulator.compute()` (curves, AUSE, the random order's AUSE, AURG).
 
     Raises:
         ValueError: no frame at all could be scored (an empty dataset, or no valid pixel in any frame).
@@ -289,18 +310,30 @@ def evaluate(
     settings = replace(settings or EvaluationSettings(), **options)
     min_depth, max_depth = depth_range(model, settings.min_depth, settings.max_depth)
     crop = None if settings.crop in (None, "none") else settings.crop
+    if settings.uncertainty and predict_fn is None and not has_depth_bins(model.config):
+        raise ValueError(
+            f"cannot evaluate uncertainty: the model has no depth bins (head={model.config.head!r}), so no "
+            "depth_uncertainty"
+        )
     process_index = accelerator.process_index if accelerator is not None else 0
     num_processes = accelerator.num_processes if accelerator is not None else 1
     accumulator = DepthMetricsAccumulator(min_depth=min_depth, max_depth=max_depth, crop=crop)
+    sparsification = (
+        SparsificationAccumulator(min_depth, max_depth, crop, seed=settings.uncertainty_seed)
+        if settings.uncertainty
+        else None
+    )
     examples, local_count = _local_examples(dataset, process_index, num_processes)
-    scoring = _LocalScoring(model, image_processor, settings, predict_fn, accumulator, is_main=process_index == 0)
+    scoring = _LocalScoring(
+        model, image_processor, settings, predict_fn, accumulator, sparsification, is_main=process_index == 0
+    )
     with _eval_mode(model), _progress_bar(settings, local_count, process_index == 0) as progress:
         for batch in _batched(examples, settings.batch_size):
             scoring.score(batch)
             progress.update(len(batch))
     if scoring.duplicates:
         logger.warning(f"{scoring.duplicates} frame(s) repeat an earlier frame's name and were counted once")
-    accumulator, skipped = _gathered(accumulator, scoring.skipped, num_processes)
+    accumulator, sparsification, skipped = _gathered(accumulator, sparsification, scoring.skipped, num_processes)
     valid_gt = f"finite and in ({min_depth:g}, {max_depth:g}] m"
     _check_scored(accumulator, skipped, settings.dataset_name, f"{valid_gt}, crop {crop or 'none'}")
     protocol = {
@@ -315,7 +348,7 @@ def evaluate(
         "model": settings.model_name,
         "num_processes": num_processes,
     }
-    return {
+    result = {
         "metrics": accumulator.compute(),
         "num_images": len(accumulator),
         "per_image": sorted(accumulator.per_image, key=lambda record: record["name"]),
@@ -323,14 +356,19 @@ def evaluate(
         "protocol": protocol,
         "samples": scoring.samples,
     }
+    if sparsification is not None:
+        result["uncertainty"] = sparsification.compute()
+    return result
 
 
 class _LocalScoring:
     """This process's frames: predicted, scored into the accumulator, optionally saved and kept for the panel."""
 
-    def __init__(self, model, image_processor, settings: EvaluationSettings, predict_fn, accumulator, is_main: bool):
+    def __init__(self, model, image_processor, settings: EvaluationSettings, predict_fn, accumulator,
+                 sparsification: SparsificationAccumulator | None, is_main: bool):  # fmt: skip
         self.model, self.image_processor, self.settings = model, image_processor, settings
         self.predict_fn, self.accumulator, self.is_main = predict_fn, accumulator, is_main
+        self.sparsification = sparsification
         self.predictions_dir = Path(settings.predictions_dir) if settings.predictions_dir is not None else None
         if self.predictions_dir is not None:
             self.predictions_dir.mkdir(parents=True, exist_ok=True)
@@ -338,21 +376,28 @@ class _LocalScoring:
         self.samples: list[dict] = []
         self.duplicates = 0
 
-    def predict(self, batch: list[dict], gts: list[np.ndarray]) -> list[np.ndarray]:
+    def predict(self, batch: list[dict], gts: list[np.ndarray]) -> tuple[list[np.ndarray], list]:
+        """Depth maps at the ground truths' sizes, and the uncertainty maps (Nones unless evaluated)."""
+        uncertain = self.sparsification is not None
         if self.predict_fn is None:
-            return predict_depth(self.model, self.image_processor, [example["image"] for example in batch],
-                                 [g.shape for g in gts], input_size=self.settings.input_size,
-                                 flip_average=self.settings.flip_average)
-        predictions = [np.asarray(p, dtype=np.float32) for p in self.predict_fn(batch)]
-        return [
+            predicted = predict_depth(self.model, self.image_processor, [example["image"] for example in batch],
+                                      [g.shape for g in gts], input_size=self.settings.input_size,
+                                      flip_average=self.settings.flip_average, return_uncertainty=uncertain)
+            return predicted if uncertain else (predicted, [None] * len(batch))
+        predictions = self.predict_fn(batch)
+        predictions, uncertainties = predictions if uncertain else (predictions, [None] * len(batch))
+        predictions = [np.asarray(p, dtype=np.float32) for p in predictions]
+        predictions = [
             p if p.shape == g.shape else
             F.interpolate(torch.from_numpy(p)[None, None], size=g.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
             for p, g in zip(predictions, gts)
         ]
+        return predictions, uncertainties
 
     def score(self, batch: list[dict]):
         gts = [np.asarray(example["depth"], dtype=np.float32) for example in batch]
-        for example, prediction, gt in zip(batch, self.predict(batch, gts), gts):
+        predictions, uncertainties = self.predict(batch, gts)
+        for example, prediction, gt, uncertainty in zip(batch, predictions, gts, uncertainties):
             name = str(example["name"])
             before = len(self.accumulator)
             try:
@@ -361,6 +406,8 @@ class _LocalScoring:
                 self.skipped.add(name)
                 continue
             self.duplicates += len(self.accumulator) == before
+            if self.sparsification is not None:
+                self.sparsification.update(prediction, gt, uncertainty, name)
             if self.predictions_dir is not None:
                 np.save(self.predictions_dir / f"{safe_frame_filename(name)}.npy", prediction.astype(np.float32))
             if self.is_main and len(self.samples) < self.settings.num_visual_samples:
@@ -389,17 +436,31 @@ def _progress_bar(settings: EvaluationSettings, total: int | None, is_main: bool
         yield progress
 
 
-def _gathered(accumulator: DepthMetricsAccumulator, skipped: set[str], num_processes: int):
-    """Every process's per-image results merged by frame name (each frame counts once), and all skipped frames."""
+def _gathered(accumulator: DepthMetricsAccumulator, sparsification: SparsificationAccumulator | None,
+              skipped: set[str], num_processes: int):  # fmt: skip
+    """Every process's per-image results (and sparsification records) merged by frame name, each frame counted
+    once, and all skipped frames."""
     if num_processes == 1:
-        return accumulator, skipped
+        return accumulator, sparsification, skipped
     merged = DepthMetricsAccumulator(min_depth=accumulator.min_depth, max_depth=accumulator.max_depth,
                                      crop=accumulator.crop)
+    merged_sparsification = (
+        SparsificationAccumulator(sparsification.min_depth, sparsification.max_depth, sparsification.crop,
+                                  seed=sparsification.seed, fractions=sparsification.fractions,
+                                  metrics=sparsification.metrics)  # fmt: skip
+        if sparsification is not None
+        else None
+    )
+    local = {"records": accumulator.state(), "skipped": sorted(skipped)}
+    if sparsification is not None:
+        local["sparsification"] = sparsification.state()
     skipped = set(skipped)
-    for part in gather_object([{"records": accumulator.state(), "skipped": sorted(skipped)}]):
+    for part in gather_object([local]):
         merged.merge(part["records"])
         skipped.update(part["skipped"])
-    return merged, skipped
+        if merged_sparsification is not None:
+            merged_sparsification.merge(part["sparsification"])
+    return merged, merged_sparsification, skipped
 
 
 def _check_scored(accumulator, skipped: set[str], dataset_name: str | None, valid: str):
@@ -486,7 +547,10 @@ def _skipped_note(result: dict) -> str | None:
 
 
 def write_evaluation_outputs(result: dict, output_dir: str | os.PathLike, title: str | None = None) -> dict[str, Path]:
-    """Write metrics.json, metrics.md, per_image_metrics.csv and samples.png; returns their paths."""
+    """Write metrics.json, metrics.md, per_image_metrics.csv and samples.png; returns their paths.
+
+    With an uncertainty evaluation (`result["uncertainty"]`) metrics.json gains `"uncertainty"` (curves, AUSE,
+    the random order's AUSE, AURG), metrics.md its table, and sparsification.png the curves."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -498,6 +562,8 @@ def write_evaluation_outputs(result: dict, output_dir: str | os.PathLike, title:
         "skipped_frames": skipped,
         "protocol": result["protocol"],
     }
+    if result.get("uncertainty"):
+        payload["uncertainty"] = result["uncertainty"]
     paths["metrics_json"] = output_dir / "metrics.json"
     paths["metrics_json"].write_text(json.dumps(payload, indent=2) + "\n")
 
@@ -519,6 +585,8 @@ def write_evaluation_outputs(result: dict, output_dir: str | os.PathLike, title:
         f"- averaging: {protocol['averaging']}",
         "",
     ]
+    if result.get("uncertainty"):
+        lines.append(format_uncertainty_markdown(result["uncertainty"]))
     paths["metrics_md"] = output_dir / "metrics.md"
     paths["metrics_md"].write_text("\n".join(lines))
 
@@ -532,6 +600,11 @@ def write_evaluation_outputs(result: dict, output_dir: str | os.PathLike, title:
     panel = save_samples_panel(result["samples"], output_dir / "samples.png", title)
     if panel is not None:
         paths["samples_png"] = panel
+    if result.get("uncertainty"):
+        curves_title = f"Sparsification curves: {title}" if title else None
+        paths["sparsification_png"] = plot_sparsification(
+            result["uncertainty"], output_dir / "sparsification.png", curves_title
+        )
     return paths
 
 
@@ -557,5 +630,15 @@ def format_report(result: dict, title: str, seconds: float, paths: dict[str, Pat
     note = _skipped_note(result)
     if note:
         lines.append(note)
+    summary = result.get("uncertainty")
+    if summary:
+        lines.append(
+            "uncertainty: "
+            + "; ".join(
+                f"AUSE {metric}={summary['ause'][metric]:.4f} (random order {summary['ause_random'][metric]:.4f}, "
+                f"AURG {summary['aurg'][metric]:.4f})"
+                for metric in summary["ause"]
+            )
+        )
     lines += [f"  {key}: {path}" for key, path in (paths or {}).items()]
     return "\n".join(lines)
