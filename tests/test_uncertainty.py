@@ -17,7 +17,8 @@ from modeling_moa_depthclip.evaluation.uncertainty import (
 )
 from modeling_moa_depthclip.losses import depth_bin_centers
 from modeling_moa_depthclip.uncertainty import bin_distribution_std
-from tiny_models import save_tiny_checkpoint, tiny_model, tiny_processor
+from modeling_moa_depthclip import DepthCLIPConfig, DepthCLIPForDepthEstimation
+from tiny_models import TINY_VISION, save_tiny_checkpoint, tiny_model, tiny_processor
 
 FP32 = dict(rtol=1e-4, atol=1e-5)
 
@@ -210,12 +211,13 @@ def test_regression_head_has_no_uncertainty():
 
 
 def test_zero_shot_head_uncertainty_comes_from_its_seven_prompt_bins():
-    model = tiny_model(head="depthclip", moa_layers=[], num_unfrozen_layers=0)
+    torch.manual_seed(0)
+    model = DepthCLIPForDepthEstimation(DepthCLIPConfig(vision_config=dict(TINY_VISION))).eval()
     with torch.no_grad():
         outputs = model(pixel_values=torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
-    bins = torch.tensor(model.config.depthclip_bin_depths)
-    assert outputs.bin_logits.shape[1] == len(bins) == 7
-    probs = outputs.bin_logits.softmax(dim=1)
+    bins = torch.tensor(model.config.bin_depths)
+    assert outputs.prompt_logits.shape[1] == len(bins) == 7
+    probs = outputs.prompt_logits.softmax(dim=1)
     mean = torch.einsum("bkhw,k->bhw", probs, bins)
     std = torch.einsum("bkhw,bkhw->bhw", probs, (bins[None, :, None, None] - mean[:, None]) ** 2).sqrt()
     expected = torch.nn.functional.interpolate(std[:, None], size=(64, 64), mode="bilinear")[:, 0]
