@@ -321,7 +321,7 @@ class DepthDemo:
                             label="Horizontal field of view (degrees)", elem_id="fov",
                         )  # fmt: skip
                     run = gr.Button("Estimate depth", variant="primary", elem_id="run")
-                    gr.Examples(
+                    examples = gr.Examples(
                         examples=[row for row, _ in self.examples],
                         example_labels=[label for _, label in self.examples],
                         inputs=[image_input, camera, fov],
@@ -332,7 +332,7 @@ class DepthDemo:
                     )  # fmt: skip
                 with gr.Column(scale=3, min_width=300):
                     with gr.Tabs():
-                        with gr.Tab("Depth (m)"):
+                        with gr.Tab("Depth"):
                             # the caption sits above the map: a label or toolbar drawn over it would hide its top
                             gr.Markdown("Depth in metres: near is red, far is blue. Click the map to read a point.",
                                         elem_id="depth-caption")  # fmt: skip
@@ -340,8 +340,17 @@ class DepthDemo:
                                 label="Depth (m)", show_label=False, buttons=[], type="pil", format="png",
                                 interactive=False, elem_id="depth-figure",
                             )  # fmt: skip
-                        with gr.Tab("RGB | depth"):  # short names: all three fit at phone width
+                        with gr.Tab("Slider"):  # short names: all four tabs fit at phone width
                             slider = gr.ImageSlider(label="Drag the handle: RGB | depth", type="pil", format="png")
+                        with gr.Tab("3D"):
+                            view = gr.Model3D(
+                                label="Point cloud (m): drag to orbit",
+                                display_mode="point_cloud", clear_color=(0.1, 0.1, 0.12, 1.0), height=420,
+                                camera_position=(75, 80, None),  # from behind the camera, a little to the side
+                                elem_id="point-cloud-view",
+                            )  # fmt: skip
+                            gr.HTML(NO_WEBGL_NOTICE, js_on_load=WEBGL_CHECK, elem_id="webgl-notice")
+                            ply_3d = gr.DownloadButton("Download the point cloud (PLY, m)", elem_id="download-ply-3d")
                         with gr.Tab("Uncertainty"):
                             uncertainty_note = (
                                 "Standard deviation of the model's per-pixel depth-bin distribution, in metres: where "
@@ -361,15 +370,6 @@ class DepthDemo:
                             uncertainty_npy = gr.DownloadButton(
                                 "uncertainty float32 .npy (m)", elem_id="download-uncertainty"
                             )
-                        with gr.Tab("3D"):
-                            view = gr.Model3D(
-                                label="Point cloud (m): drag to orbit",
-                                display_mode="point_cloud", clear_color=(0.1, 0.1, 0.12, 1.0), height=420,
-                                camera_position=(75, 80, None),  # from behind the camera, a little to the side
-                                elem_id="point-cloud-view",
-                            )  # fmt: skip
-                            gr.HTML(NO_WEBGL_NOTICE, js_on_load=WEBGL_CHECK, elem_id="webgl-notice")
-                            ply_3d = gr.DownloadButton("Download the point cloud (PLY, m)", elem_id="download-ply-3d")
                     clicked = gr.Textbox(
                         label="Depth at the clicked point", value=CLICK_PROMPT,
                         interactive=False, elem_id="clicked-depth",
@@ -396,11 +396,18 @@ class DepthDemo:
                 "and notes, then the uncertainty picture and float32 .npy (m; none for a model without depth bins). "
                 "`camera` is auto, nyu or fov (then `fov_deg` is used).",
             )  # fmt: skip
-            # an upload, a clicked example or a removed image: the previous readings go at once, then the model runs
-            arrived = image_input.change(
-                self.clear, outputs=[*outputs, clicked, uncertainty_clicked], queue=False, api_visibility="private"
-            ).then(self.predict_new_image, inputs=[image_input, camera, fov], outputs=outputs, api_visibility="private")
-            for event in (predicted, arrived):
+            # an upload, a clicked example or a removed image: the previous readings go at once, then the model runs.
+            # Not `image_input.change`: it fires twice for one upload, and the second clear would wipe a reading
+            # taken in between.
+            cleared = [*outputs, clicked, uncertainty_clicked]
+            image_input.clear(self.clear, outputs=cleared, queue=False, api_visibility="private")
+            events = [predicted]
+            for arrival in (image_input.upload(self.clear, outputs=cleared, queue=False, api_visibility="private"),
+                            examples.load_input_event.then(self.clear, outputs=cleared, queue=False,
+                                                           api_visibility="private")):  # fmt: skip
+                events.append(arrival.then(self.predict_new_image, inputs=[image_input, camera, fov], outputs=outputs,
+                                           api_visibility="private"))  # fmt: skip
+            for event in events:
                 event.then(lambda path: path, inputs=[ply], outputs=[ply_3d], queue=False, api_visibility="private")
             figure.select(self.depth_at, inputs=[depth_state], outputs=[clicked], api_visibility="private")
             uncertainty_picture.select(
