@@ -3,12 +3,10 @@
 import os
 
 import numpy as np
-import torch
 from transformers import DepthEstimationPipeline
 
 from .configuration_moa_depthclip import MoADepthCLIPConfig
 from .image_processing_moa_depthclip import load_image_file
-from .packed_linear import pack_linear_layers
 from .visualization import colorize_unit_depth, grayscale_unit_depth, normalize_depth
 
 
@@ -22,24 +20,11 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
     - `colored_depth`: RGB `PIL.Image`, Turbo colour map, near is red.
 
     Local image paths are opened with `load_image_file`, so an unreadable file fails with one error naming it.
-
-    `pack_linear_weights` (default: when the model runs in float32 on CPU) installs the CPU fast path of
-    `packed_linear` on the model: the same depth up to fp32 rounding, faster, one more copy of the linear weights
-    in memory. Pass `pack_linear_weights=False` to `pipeline(...)` to keep the memory instead.
+    The model runs as it was handed over (nothing is installed on it).
     """
 
     # depth models have no video processor; left unset, the loader would probe for one and ask about remote code
     _load_video_processor = False
-
-    def __init__(self, *args, pack_linear_weights: bool | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if pack_linear_weights is None:
-            parameter = next(self.model.parameters(), None)
-            pack_linear_weights = (
-                parameter is not None and parameter.device.type == "cpu" and parameter.dtype == torch.float32
-            )
-        if pack_linear_weights:
-            pack_linear_layers(self.model)
 
     def preprocess(self, image, timeout=None):
         if isinstance(image, (str, os.PathLike)) and not str(image).startswith(("http://", "https://", "data:")):

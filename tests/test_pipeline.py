@@ -83,8 +83,7 @@ def test_saved_folder_carries_its_code(checkpoint):
     files = {p.name for p in checkpoint.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= files
     assert {"configuration_moa_depthclip.py", "modeling_moa_depthclip.py", "losses.py",
-            "image_processing_moa_depthclip.py", "pipeline_moa_depthclip.py", "visualization.py",
-            "packed_linear.py"} <= files
+            "image_processing_moa_depthclip.py", "pipeline_moa_depthclip.py", "visualization.py"} <= files
     import json
 
     config = json.loads((checkpoint / "config.json").read_text())
@@ -125,21 +124,15 @@ def test_the_package_config_does_not_claim_a_remote_code_pipeline(checkpoint):
     assert "custom_pipelines" in config.to_dict()
 
 
-def test_pipeline_packs_linear_weights_on_cpu_unless_asked_not_to(checkpoint):
-    from modeling_moa_depthclip import PackedLinear
-    from modeling_moa_depthclip.packed_linear import onednn_linear_available
+def test_pipeline_runs_the_model_it_is_handed_unchanged(checkpoint):
+    from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation
 
-    default = pipeline("depth-estimation", model=str(checkpoint))
-    plain = pipeline("depth-estimation", model=str(checkpoint), pack_linear_weights=False)
-    bf16 = pipeline("depth-estimation", model=str(checkpoint), dtype=torch.bfloat16)
-    packed_layers = sum(isinstance(m, PackedLinear) for m in default.model.modules())
-    assert packed_layers == (len([m for m in plain.model.modules() if isinstance(m, torch.nn.Linear)])
-                             if onednn_linear_available() else 0)
-    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
-    assert not any(isinstance(m, PackedLinear) for m in bf16.model.modules())
-    image = Image.new("RGB", (96, 64), (40, 90, 200))
-    np.testing.assert_allclose(default(image)["metric_depth"], plain(image)["metric_depth"], rtol=1e-5, atol=1e-5)
-    assert default.model.state_dict().keys() == plain.model.state_dict().keys()
+    model = MoADepthCLIPForDepthEstimation.from_pretrained(checkpoint).eval()
+    modules = [(name, type(module)) for name, module in model.named_modules()]
+    depth_estimator = pipeline("depth-estimation", model=model, image_processor=str(checkpoint))
+    depth_estimator(Image.new("RGB", (96, 64), (40, 90, 200)))
+    assert depth_estimator.model is model
+    assert [(name, type(module)) for name, module in model.named_modules()] == modules
 
 
 def test_trust_remote_code_in_a_fresh_process_without_the_package(checkpoint, nyu_sample_dir, tmp_path):

@@ -1,7 +1,7 @@
 """`moa-depthclip` command line: metric depth for image files and folders of images.
 
     moa-depthclip predict IMAGE_OR_FOLDER... --model PATH_OR_HUB_ID --output-dir DIR [--overwrite]
-                          [--batch-size N] [--dtype float32|bfloat16|float16] [--device DEVICE]
+                          [--batch-size N] [--dtype float32|bfloat16|float16|int8] [--device DEVICE]
                           [--point-cloud [--fov DEG | --intrinsics nyu|fx,fy,cx,cy]]
     moa-depthclip --version
 
@@ -22,11 +22,12 @@ from PIL import Image
 from .arguments import positive_int
 from ..image_processing_moa_depthclip import ImageLoadError, load_image_file
 from ..geometry.point_cloud import DEFAULT_HFOV_DEG, depth_to_point_cloud, parse_intrinsics, resolve_intrinsics, write_ply
+from ..quantization import INFERENCE_DTYPES, QuantizationUnavailableError
 from ..visualization import colorize_depth
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = INFERENCE_DTYPES
 POINT_CLOUD_SUFFIX = "_points.ply"
 
 
@@ -40,21 +41,15 @@ def _report(message: str):
 
 
 def load_depth_pipeline(model: str, device: str | None = None, dtype: str | None = None):
-    """The MoA-DepthCLIP depth pipeline for a local folder or Hub id; exits with one line if it cannot load."""
-    import torch
+    """The MoA-DepthCLIP depth pipeline for a local folder or Hub id in `dtype` (one of `DTYPES`; int8: onnxruntime's
+    int8 quantisation, exported once and cached); exits with one line if it cannot load."""
+    from ..loading import ModelLoadError
+    from ..quantization import load_depth_pipeline as load
 
-    from ..loading import ModelLoadError, load_model_and_processor
-    from ..pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        loaded, image_processor = load_model_and_processor(
-            model, dtype=getattr(torch, dtype) if dtype is not None else None
-        )
-    except ModelLoadError as error:
+        return load(model, dtype=dtype, device=device)
+    except (ModelLoadError, QuantizationUnavailableError, ValueError) as error:
         _fail(str(error))
-    return MoADepthCLIPDepthEstimationPipeline(model=loaded, image_processor=image_processor, device=device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -251,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass")
     predict_parser.add_argument(
         "--dtype", choices=DTYPES, default=None,
-        help="weights and activations (default: float32 as saved; bfloat16 is faster on recent CPUs and GPUs)",
+        help="weights and activations (default: float32 as saved; bfloat16 is faster on recent CPUs and GPUs; int8: "
+        "onnxruntime's int8 quantisation on CPU, the fastest there, depth within about 1 cm of float32; the first "
+        "int8 run exports the model once, see BENCHMARKS.md)",
     )  # fmt: skip
     predict_parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     predict_parser.add_argument(
