@@ -63,9 +63,16 @@ def bench_candidates(model, processor, repeats, *, sizes=((224, 224),), compile_
     fp32 on the same input."""
     import torch
 
-    from conversion.export_onnx import export_onnx, quantize_onnx_int8
-    from modeling_moa_depthclip import pack_linear_layers
-    from modeling_moa_depthclip.quantization import quantize_int8
+    from modeling_moa_depthclip.onnx_export import export_onnx, quantize_onnx_int8
+
+    try:  # the hand-written fast path, measured where the tree still has it (the run that decided its removal)
+        from modeling_moa_depthclip.packed_linear import pack_linear_layers
+    except ImportError:
+        pack_linear_layers = None
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError:
+        quantize_ = None
 
     threads = torch.get_num_threads()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -78,19 +85,22 @@ def bench_candidates(model, processor, repeats, *, sizes=((224, 224),), compile_
         setup_s, first_s, forward = {}, {}, {}
         forward["eager"] = lambda: model(pixel_values=pixel_values).predicted_depth
 
-        start = time.perf_counter()
-        packed = pack_linear_layers(copy.deepcopy(model))
-        setup_s["packed"] = time.perf_counter() - start
-        forward["packed"] = lambda: packed(pixel_values=pixel_values).predicted_depth
+        packed = quantized = None
+        if pack_linear_layers is not None:
+            packed = copy.deepcopy(model)
+            pack_linear_layers(packed)
+            forward["packed"] = lambda: packed(pixel_values=pixel_values).predicted_depth
 
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
         bf16_input = pixel_values.to(torch.bfloat16)
         forward["bf16"] = lambda: bf16(pixel_values=bf16_input).predicted_depth.float()
 
-        start = time.perf_counter()
-        quantized = quantize_int8(copy.deepcopy(model))
-        setup_s["torchao_int8"] = time.perf_counter() - start
-        forward["torchao_int8"] = lambda: quantized(pixel_values=pixel_values).predicted_depth
+        if quantize_ is not None:
+            start = time.perf_counter()
+            quantized = copy.deepcopy(model)
+            quantize_(quantized, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+            setup_s["torchao_int8"] = time.perf_counter() - start
+            forward["torchao_int8"] = lambda: quantized(pixel_values=pixel_values).predicted_depth
 
         processor_at_size = copy.deepcopy(processor)
         processor_at_size.size = {"height": height, "width": width}
@@ -134,14 +144,12 @@ def nyu_accuracy(folder, frames_dir, dtypes=("bfloat16", "int8")):
     (metres, at image size, valid ground-truth pixels) and the change in delta1 and AbsRel (Eigen crop)."""
     import torch
 
-    from modeling_moa_depthclip.cli.predict import load_depth_pipeline
     from modeling_moa_depthclip.data import read_depth_image
+    from modeling_moa_depthclip.quantization import load_depth_pipeline
     from modeling_moa_depthclip.evaluation.metrics import compute_depth_metrics
 
     colours = sorted(Path(frames_dir).glob("*_colors.png"))
-    pipelines = {"float32": load_depth_pipeline(str(folder), "cpu", "float32")}
-    for dtype in dtypes:
-        pipelines[dtype] = load_depth_pipeline(str(folder), "cpu", dtype)
+    pipelines = {dtype: load_depth_pipeline(str(folder), dtype, "cpu") for dtype in ("float32", *dtypes)}
     config = pipelines["float32"].model.config
     differences = {dtype: [] for dtype in dtypes}
     metrics = {name: [] for name in pipelines}
@@ -171,12 +179,121 @@ def bench_pipelines(folder, frames, repeats, dtypes=("float32", "int8")):
     image in `frames` (one per input size), interleaved."""
     import torch
 
-    from modeling_moa_depthclip.cli.predict import load_depth_pipeline
+    from modeling_moa_depthclip.quantization import load_depth_pipeline
 
-    pipelines = {dtype: load_depth_pipeline(str(folder), "cpu", dtype) for dtype in dtypes}
+    first_call = {}
+    pipelines = {}
+    for dtype in dtypes:
+        start = time.perf_counter()
+        pipelines[dtype] = load_depth_pipeline(str(folder), dtype, "cpu")
+        first_call[dtype] = time.perf_counter() - start
     results = {}
     with torch.inference_mode():
         for label, image in frames.items():
             functions = {dtype: (lambda p: lambda: p(image))(pipe) for dtype, pipe in pipelines.items()}
             results[label] = {k: v * 1e3 for k, v in interleaved_medians(functions, repeats, warmup=1).items()}
-    return results
+    return {"latency_ms": results, "load_s": first_call}
+
+
+FLOOR_INT8_PIPELINE_RATIO = 0.5
+FLOOR_INT8_P99_M = 0.01
+FLOOR_INT8_DELTA1 = 0.005
+PACKED_MARGIN = 0.10
+
+
+def render_precision(result) -> list[str]:
+    machine = result["machine"]
+    candidates = result["candidates"]
+    lines = [
+        "## 7. Low precision and the CPU fast path (default configuration, batch 1, CPU)",
+        "",
+        f"Run of {machine['date']} ({machine['cpu']}, {machine['cores']} cores, torch threads {machine['threads']}; "
+        f"1-minute load average {machine['load']:.2f} at the start: the machine is shared, so only ratios within "
+        f"one table count). Model forward on one input, candidates interleaved round-robin, median of "
+        f"{result['repeats']}; first call = the first output after the model is in memory, including what the "
+        "candidate needs first (inductor's compilation, the ONNX export and quantisation).",
+        "",
+    ]
+    for size, row in candidates["sizes"].items():
+        latency, eager = row["latency_ms"], row["latency_ms"]["eager"]
+        lines += [
+            f"### model input {size}",
+            "",
+            "| candidate | latency (ms) | x eager fp32 | first call (s) | max abs depth difference from eager fp32 (m) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, value in sorted(latency.items(), key=lambda kv: kv[1]):
+            lines.append(
+                f"| {CANDIDATES[name]} | {value:.1f} | {value / eager:.2f} | {row['first_call_s'][name]:.1f} | "
+                f"{row['max_diff_m'][name]:.1e} |"
+            )
+        lines.append("")
+    small = candidates["sizes"].get("224x224")
+    if small and "packed" in small["latency_ms"]:
+        latency = small["latency_ms"]
+        maintained = {k: v for k, v in latency.items() if k not in ("packed", "bf16", "ort_int8", "torchao_int8")}
+        best = min(maintained, key=maintained.get)
+        within = maintained[best] <= latency["packed"] * (1 + PACKED_MARGIN)
+        lines += [
+            f"**The hand-written fast path.** `PackedLinear` {latency['packed']:.1f} ms against the fastest maintained "
+            f"fp32 route, {CANDIDATES[best]}, {maintained[best]:.1f} ms ({maintained[best] / latency['packed']:.2f}x), "
+            f"and plain eager {latency['eager']:.1f} ms ({latency['eager'] / latency['packed']:.2f}x): a maintained "
+            f"route {'comes' if within else 'does not come'} within {PACKED_MARGIN:.0%}"
+            + (", so `PackedLinear` (private oneDNN ops) was removed." if within else ".")
+            + " The default CPU path is plain PyTorch eager: no first-call cost (inductor needs "
+            f"{small['first_call_s'].get('compiled', float('nan')):.0f} s, the ONNX export "
+            f"{small['first_call_s']['ort_fp32']:.0f} s before the first output), and it runs the model a caller "
+            "hands over unchanged. onnxruntime is the route for throughput (int8 below; fp32 through "
+            "`conversion/onnx_inference.py`).",
+            "",
+        ]
+    pipelines = result["pipelines"]
+    lines += [
+        "### int8 through the pipeline",
+        "",
+        "`modeling_moa_depthclip.quantization.load_depth_pipeline(folder, dtype)` (what `moa-depthclip predict "
+        "--dtype` and the demo's `--dtype` use): PIL image in, depth at the image's size and the two depth pictures "
+        "out, batch 1, interleaved. int8 = onnxruntime's dynamic int8 quantisation of the ONNX export, made once "
+        "and cached (the load time below includes it; later loads read the cache).",
+        "",
+        "| image | " + " | ".join(f"{d} (ms)" for d in next(iter(pipelines["latency_ms"].values()))) + " | int8 / float32 |",
+        "| --- | " + " | ".join("---" for _ in next(iter(pipelines["latency_ms"].values()))) + " | --- |",
+    ]
+    for label, row in pipelines["latency_ms"].items():
+        lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in row.values())
+                     + f" | {row['int8'] / row['float32']:.2f} |")
+    lines += ["", "Load time (first use, s): " + ", ".join(
+        f"{d} {v:.1f}" for d, v in pipelines["load_s"].items()) + "."]
+    accuracy = result["accuracy"]
+    lines += ["", "### int8 and bf16 against fp32 on the NYU frames", ""]
+    if "missing" in accuracy:
+        lines.append(accuracy["missing"])
+    else:
+        metrics = accuracy["metrics"]
+        lines += [
+            f"Trained model `{accuracy['model']}` on the {accuracy['frames']} shared NYU frames; depth through each "
+            "pipeline at image size, compared with fp32 on the pixels with valid ground truth; delta1 and AbsRel "
+            "against the ground truth (Eigen crop, mean over frames).",
+            "",
+            "| precision | mean abs difference (mm) | 99th percentile (mm) | largest (mm) | delta1 | change | AbsRel |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            f"| float32 | - | - | - | {metrics['float32']['delta1']:.4f} | - | {metrics['float32']['abs_rel']:.4f} |",
+        ]
+        for dtype, diff in accuracy["difference_m"].items():
+            lines.append(
+                f"| {dtype} | {diff['mean'] * 1e3:.2f} | {diff['p99'] * 1e3:.2f} | {diff['max'] * 1e3:.2f} | "
+                f"{metrics[dtype]['delta1']:.4f} | {metrics[dtype]['delta1'] - metrics['float32']['delta1']:+.4f} | "
+                f"{metrics[dtype]['abs_rel']:.4f} |"
+            )
+    lines += ["", "| floor (int8) | measured | holds |", "| --- | --- | --- |"]
+    ratio = pipelines["latency_ms"]["640x480 image"]["int8"] / pipelines["latency_ms"]["640x480 image"]["float32"]
+    lines.append(f"| end-to-end pipeline time <= {FLOOR_INT8_PIPELINE_RATIO}x fp32 (640x480 image) | {ratio:.2f}x | "
+                 f"{'yes' if ratio <= FLOOR_INT8_PIPELINE_RATIO else '**no**'} |")
+    if "missing" not in accuracy:
+        p99 = accuracy["difference_m"]["int8"]["p99"]
+        delta = abs(accuracy["metrics"]["int8"]["delta1"] - accuracy["metrics"]["float32"]["delta1"])
+        lines.append(f"| depth difference from fp32, 99th percentile <= {FLOOR_INT8_P99_M * 100:g} cm | "
+                     f"{p99 * 1e3:.2f} mm | {'yes' if p99 <= FLOOR_INT8_P99_M else '**no**'} |")
+        lines.append(f"| delta1 change <= {FLOOR_INT8_DELTA1} | {delta:.4f} | "
+                     f"{'yes' if delta <= FLOOR_INT8_DELTA1 else '**no**'} |")
+    return lines
