@@ -865,27 +865,47 @@ def run_precision_section(args, repeats, progress):
     return results
 
 
-def save_section(name, result):
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+def save_section(results_dir: Path, name, result):
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 
-def load_sections():
+def load_sections(results_dir: Path):
     found = {}
     for name in SECTIONS:
-        path = RESULTS_DIR / f"{name}.json"
+        path = results_dir / f"{name}.json"
         if path.is_file():
             found[name] = json.loads(path.read_text())
     return found
 
 
-def render_all(sections) -> str:
+KEPT_NOTE = ("> Sections 1-6 below are kept from an earlier run of `benchmarks/run.py` (its date is in the list "
+             "below); `python benchmarks/run.py --sections main` measures them again.")
+
+
+def kept_main_part(previous: Path) -> str | None:
+    """Sections 1-6 of an existing report, for a run that measured only other sections."""
+    if not previous.is_file():
+        return None
+    text = previous.read_text()
+    end = text.find("\n## 7.")
+    part = (text if end < 0 else text[:end]).rstrip("\n")
+    if KEPT_NOTE not in part:
+        header, _, rest = part.partition("\n\n")
+        part = f"{header}\n\n{KEPT_NOTE}\n\n{rest}"
+    return part
+
+
+def render_all(sections, previous: Path) -> str:
     import gpu
     import precision
 
     parts = []
+    kept = None if "main" in sections else kept_main_part(previous)
     if "main" in sections:
         parts.append(render(sections["main"], sections["main"].get("quick", False)).rstrip("\n"))
+    elif kept:
+        parts.append(kept)
     else:
         parts.append("# Benchmarks\n\nSections 1-6 have not been run on this tree yet (`python benchmarks/run.py "
                      "--sections main`).")
@@ -909,6 +929,7 @@ def main(argv=None) -> int:
                         help="cuda: run only the GPU section (inference throughput, bf16 training)")
     parser.add_argument("--model-dir", default=None,
                         help=f"trained model for the int8 accuracy on NYU frames (default {DEFAULT_TRAINED_MODEL})")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where each section's figures are kept")
     parser.add_argument("--skip-onnx", action="store_true", help="leave out the ONNX export and onnxruntime timing")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile candidate")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -926,6 +947,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     repeats, batch_repeats, train_steps = (4, 1, 2) if args.quick else (10, 3, 4)
     sections = ["gpu"] if args.device == "cuda" else args.sections
+    results_dir = Path(args.results_dir)
     started = time.perf_counter()
 
     def progress(message):
@@ -938,14 +960,14 @@ def main(argv=None) -> int:
         result = gpu.bench_gpu("cuda")
         if "unavailable" in result:
             print(result["unavailable"])
-        save_section("gpu", {**result, "date": machine_description()["date"]})
+        save_section(results_dir, "gpu", {**result, "date": machine_description()["date"]})
     if "main" in sections:
-        save_section("main", run_main_section(args, repeats, batch_repeats, train_steps, progress))
+        save_section(results_dir, "main", run_main_section(args, repeats, batch_repeats, train_steps, progress))
     if "precision" in sections:
-        save_section("precision", run_precision_section(args, repeats, progress))
+        save_section(results_dir, "precision", run_precision_section(args, repeats, progress))
     progress("done")
 
-    report = render_all(load_sections())
+    report = render_all(load_sections(results_dir), Path(args.output))
     if not args.no_write:
         Path(args.output).write_text(report)
         print(f"wrote {args.output}", file=sys.stderr)
