@@ -94,6 +94,7 @@ from modeling_moa_depthclip.data import (  # noqa: E402
     SourceKind,
     TrainingExamples,
     classify_source,
+    default_num_workers,
 )
 from modeling_moa_depthclip.evaluation import (
     # noqa: E402
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="render size of synthetic training/validation scenes (the synthetic test split is rendered at 480x640)",
     )
     data.add_argument("--no_augmentation", action="store_true", help="train without DepthAugmentation")
-    data.add_argument("--dataloader_num_workers", type=non_negative_int, default=0)
+    data.add_argument("--dataloader_num_workers", type=non_negative_int, default=default_num_workers(),
+                      help="data loader processes (default for this machine: %(default)s)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--per_device_train_batch_size", type=positive_int, default=8)
@@ -564,7 +566,10 @@ def take_output_dir(args, parser, accelerator, output_dir: Path, resume_path: Pa
 
 def train_dataloader_for(args, train_set, image_processor, input_size) -> DataLoader:
     augmentation = None if args.no_augmentation else DepthAugmentation(output_size=None)
-    train_dataset = TrainingExamples(train_set, augmentation, args.seed, cache=args.dataset == "synthetic")
+    # examples come out at the model input size: augmenting the full frame for the collator to resize costs ~6x more
+    target_size = None if args.labels_at_native_resolution else input_size
+    train_dataset = TrainingExamples(train_set, augmentation, args.seed, cache=args.dataset == "synthetic",
+                                     target_size=target_size)
     return DataLoader(
         train_dataset, batch_size=args.per_device_train_batch_size,
         sampler=EpochShuffleSampler(len(train_dataset), args.seed),
