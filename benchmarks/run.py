@@ -23,7 +23,9 @@ depend on the weight values; no model hub is reachable here):
 7. low precision and the CPU fast path (`benchmarks/precision.py`): eager fp32, bf16, inductor with freezing,
    onnxruntime fp32 and its dynamic int8 quantisation (and torchao's int8 where installed), the int8 pipeline end
    to end against fp32, and int8's depth against fp32 on the NYU frames with a trained model (`--model-dir`);
-8. the GPU path (`benchmarks/gpu.py`, `--device cuda`): inference throughput and bf16 training with the data loader.
+8. data (`benchmarks/data_loading.py`): frames/s of one loader worker per source kind, today's path and the
+   training view at the model input size;
+9. the GPU path (`benchmarks/gpu.py`, `--device cuda`): inference throughput and bf16 training with the data loader.
 
 Each section's figures are kept in benchmarks/results/SECTION.json with the run's date and machine, so that
 `--sections` reruns some of them and BENCHMARKS.md is rendered from all; the report says which run each came from.
@@ -58,7 +60,10 @@ import numpy as np  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-DEFAULT_FRAMES = REPO_ROOT.parent / "shared" / "data" / "nyu_eigen_test_sample"
+# the shared NYU frames: $MOA_DEPTHCLIP_NYU_SAMPLE (as for the tests), else beside the repository
+DEFAULT_FRAMES = Path(
+    os.environ.get("MOA_DEPTHCLIP_NYU_SAMPLE") or REPO_ROOT.parent / "shared" / "data" / "nyu_eigen_test_sample"
+)
 IMAGE_SIZE = (640, 480)
 TRAIN_BATCH, TRAIN_SIZE = 8, 224
 MATMUL_N = 2048
@@ -787,7 +792,7 @@ def evaluate_floors(results):
     ]
 
 
-SECTIONS = ("main", "precision", "gpu")
+SECTIONS = ("main", "precision", "data", "gpu")
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_TRAINED_MODEL = REPO_ROOT / "outputs" / "train" / "best"
 
@@ -911,6 +916,12 @@ def render_all(sections, previous: Path) -> str:
                      "--sections main`).")
     if "precision" in sections:
         parts.append("\n".join(precision.render_precision(sections["precision"])))
+    if "data" in sections:
+        import data_loading
+
+        training = (sections.get("main") or {}).get("training")
+        images_per_s = {label: TRAIN_BATCH / (row["step_ms"] / 1e3) for label, row in training.items()} if training else None
+        parts.append("\n".join(data_loading.render_data(sections["data"], images_per_s)))
     if "gpu" in sections:
         parts.append("\n".join(gpu.render_gpu(sections["gpu"])))
     return "\n\n".join(parts) + "\n"
@@ -929,6 +940,8 @@ def main(argv=None) -> int:
                         help="cuda: run only the GPU section (inference throughput, bf16 training)")
     parser.add_argument("--model-dir", default=None,
                         help=f"trained model for the int8 accuracy on NYU frames (default {DEFAULT_TRAINED_MODEL})")
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: write BENCHMARKS.md from the kept figures in --results-dir")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where each section's figures are kept")
     parser.add_argument("--skip-onnx", action="store_true", help="leave out the ONNX export and onnxruntime timing")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile candidate")
@@ -946,7 +959,7 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     repeats, batch_repeats, train_steps = (4, 1, 2) if args.quick else (10, 3, 4)
-    sections = ["gpu"] if args.device == "cuda" else args.sections
+    sections = [] if args.render_only else ["gpu"] if args.device == "cuda" else args.sections
     results_dir = Path(args.results_dir)
     started = time.perf_counter()
 
@@ -965,6 +978,12 @@ def main(argv=None) -> int:
         save_section(results_dir, "main", run_main_section(args, repeats, batch_repeats, train_steps, progress))
     if "precision" in sections:
         save_section(results_dir, "precision", run_precision_section(args, repeats, progress))
+    if "data" in sections:
+        import data_loading
+
+        progress("data: frames/s per worker for each source kind")
+        save_section(results_dir, "data", {**data_loading.bench_data(DEFAULT_FRAMES, repeats=2 if args.quick else 3),
+                                           "date": machine_description()["date"]})
     progress("done")
 
     report = render_all(load_sections(results_dir), Path(args.output))
