@@ -792,7 +792,7 @@ def evaluate_floors(results):
     ]
 
 
-SECTIONS = ("main", "precision", "data", "gpu")
+SECTIONS = ("main", "training", "precision", "data", "gpu")
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_TRAINED_MODEL = REPO_ROOT / "outputs" / "train" / "best"
 
@@ -914,6 +914,10 @@ def render_all(sections, previous: Path) -> str:
     else:
         parts.append("# Benchmarks\n\nSections 1-6 have not been run on this tree yet (`python benchmarks/run.py "
                      "--sections main`).")
+    if "training" in sections:
+        import training_profile
+
+        parts.append("\n".join(training_profile.render_training_profile(sections["training"])))
     if "precision" in sections:
         parts.append("\n".join(precision.render_precision(sections["precision"])))
     if "data" in sections:
@@ -976,6 +980,12 @@ def main(argv=None) -> int:
         save_section(results_dir, "gpu", {**result, "date": machine_description()["date"]})
     if "main" in sections:
         save_section(results_dir, "main", run_main_section(args, repeats, batch_repeats, train_steps, progress))
+    if "training" in sections:
+        import training_profile
+
+        progress("training step: where the time goes")
+        save_section(results_dir, "training", {**training_profile.bench_training_profile(DEFAULT_FRAMES),
+                                               "date": machine_description()["date"]})
     if "precision" in sections:
         save_section(results_dir, "precision", run_precision_section(args, repeats, progress))
     if "data" in sections:

@@ -122,10 +122,12 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         depthclip_temperature (`float`, *optional*, defaults to 0.1): Softmax temperature of DepthCLIP.
         loss_weights (`dict[str, float]`, *optional*): Weights of `bin_ce`, `l1`, `silog`, `gradient`, `ssim`.
         silog_lambda (`float`, *optional*, defaults to 0.85): Variance focus of the SILog loss.
-        checkpoint_frozen_layers (`bool`, *optional*, defaults to `True`):
+        checkpoint_frozen_layers (`bool`, *optional*, defaults to `False`):
             In training, recompute the frozen CLIP blocks that lie after the first trainable module (they only pass
             gradients back to the adapters before them) in the backward pass instead of storing their activations.
-            Same gradients, less memory, one extra forward through those blocks.
+            Same gradients, less memory, one extra forward through those blocks: worth it for large batches or
+            inputs; at batch 8 and 224x224 their activations are a few MB and the recomputation costs ~15% of a
+            step (BENCHMARKS.md, section 4b).
     """
 
     model_type = "moa_depthclip"
@@ -174,7 +176,7 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         depthclip_temperature=0.1,
         loss_weights=None,
         silog_lambda=0.85,
-        checkpoint_frozen_layers=True,
+        checkpoint_frozen_layers=False,
         initializer_range=0.02,
         **kwargs,
     ):

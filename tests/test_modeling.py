@@ -283,3 +283,12 @@ def test_frozen_blocks_after_the_first_adapter_are_recomputed_with_identical_gra
     assert grads[True].keys() == grads[False].keys()
     for name, grad in grads[False].items():
         assert torch.allclose(grads[True][name], grad, atol=1e-6), name
+
+
+def test_by_default_frozen_blocks_keep_their_activations_instead_of_recomputing():
+    # at the default batch the recomputation costs more time than the activations it saves cost memory
+    model = tiny_model().train()
+    counter = [0]
+    model.vision_model.encoder.layers[2].register_forward_pre_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    model(torch.randn(2, 3, 64, 64), labels=1.0 + torch.rand(2, 64, 64)).loss.backward()
+    assert counter[0] == 1
