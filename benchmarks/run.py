@@ -25,7 +25,8 @@ depend on the weight values; no model hub is reachable here):
    to end against fp32, and int8's depth against fp32 on the NYU frames with a trained model (`--model-dir`);
 8. data (`benchmarks/data_loading.py`): frames/s of one loader worker per source kind, today's path and the
    training view at the model input size;
-9. the GPU path (`benchmarks/gpu.py`, `--device cuda`): inference throughput and bf16 training with the data loader.
+9. the GPU path (`benchmarks/gpu.py`, `--device cuda`): inference throughput and bf16 training with the data loader;
+10. scaling (`benchmarks/scaling.py`): latency and peak memory against input size and batch, fp32 / bf16 / int8.
 
 Each section's figures are kept in benchmarks/results/SECTION.json with the run's date and machine, so that
 `--sections` reruns some of them and BENCHMARKS.md is rendered from all; the report says which run each came from.
@@ -792,7 +793,8 @@ def evaluate_floors(results):
     ]
 
 
-SECTIONS = ("main", "training", "precision", "data", "gpu")
+SECTIONS = ("main", "training", "precision", "data", "scaling", "gpu")
+SCALING_PLOT = "benchmarks/scaling.png"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DEFAULT_TRAINED_MODEL = REPO_ROOT / "outputs" / "train" / "best"
 
@@ -928,6 +930,10 @@ def render_all(sections, previous: Path) -> str:
         parts.append("\n".join(data_loading.render_data(sections["data"], images_per_s)))
     if "gpu" in sections:
         parts.append("\n".join(gpu.render_gpu(sections["gpu"])))
+    if "scaling" in sections:
+        import scaling
+
+        parts.append("\n".join(scaling.render_scaling(sections["scaling"], SCALING_PLOT)))
     return "\n\n".join(parts) + "\n"
 
 
@@ -994,6 +1000,13 @@ def main(argv=None) -> int:
         progress("data: frames/s per worker for each source kind")
         save_section(results_dir, "data", {**data_loading.bench_data(DEFAULT_FRAMES, repeats=2 if args.quick else 3),
                                            "date": machine_description()["date"]})
+    if "scaling" in sections:
+        import scaling
+
+        progress("scaling: latency and memory against input size and batch")
+        result = {**scaling.bench_scaling(repeats=1 if args.quick else 2), "date": machine_description()["date"]}
+        save_section(results_dir, "scaling", result)
+        scaling.plot_scaling(result, REPO_ROOT / SCALING_PLOT)
     progress("done")
 
     report = render_all(load_sections(results_dir), Path(args.output))
