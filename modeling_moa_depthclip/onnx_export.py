@@ -7,6 +7,7 @@ A tooling module: it needs the `onnx` extra (onnx, onnxscript, onnxruntime) and 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -58,6 +59,9 @@ def quantize_onnx_int8(source, output) -> Path:
     output = Path(output)
     handle, partial = tempfile.mkstemp(suffix=".onnx", dir=output.parent)
     os.close(handle)
+    # onnxruntime advises shape-inference pre-processing on the root logger; the dynamo export carries its shapes
+    advice = _DropMessage("consider to run pre-processing before quantization")
+    logging.getLogger().addFilter(advice)
     try:
         quantize_dynamic(
             os.fspath(source), partial, weight_type=QuantType.QInt8, per_channel=True,
@@ -73,9 +77,19 @@ def quantize_onnx_int8(source, output) -> Path:
         onnx.checker.check_model(partial, full_check=True)
         os.replace(partial, output)
     finally:
+        logging.getLogger().removeFilter(advice)
         if os.path.exists(partial):
             os.remove(partial)
     return output
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record):
+        return self.text not in record.getMessage()
 
 
 def export_onnx(model, processor, output, opset: int = DEFAULT_OPSET, quantize: str | None = None) -> Path:
