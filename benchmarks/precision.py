@@ -163,8 +163,8 @@ def nyu_accuracy(folder, frames_dir, dtypes=("bfloat16", "int8")):
             metrics[name].append(compute_depth_metrics(depth, gt, config.min_depth, config.max_depth))
         for dtype in dtypes:
             differences[dtype].append(np.abs(depths[dtype] - depths["float32"])[valid])
-    means = {name: {key: float(np.mean([m[key] for m in rows])) for key in ("delta1", "abs_rel")}
-             for name, rows in metrics.items()}
+    means = {name: {"delta1": float(np.mean([m["d1"] for m in rows])),
+                    "abs_rel": float(np.mean([m["abs_rel"] for m in rows]))} for name, rows in metrics.items()}
     result = {"frames": len(colours), "metrics": means, "difference_m": {}}
     for dtype in dtypes:
         values = np.concatenate(differences[dtype])

@@ -59,21 +59,21 @@ def bench_scaling(repeats: int = 2, scratch=None):
     bf16 = MoADepthCLIPForDepthEstimation(MoADepthCLIPConfig()).eval().to(torch.bfloat16)
     bf16.load_state_dict(fp32.state_dict())
     rows = []
+    # from the least work to the most: memory the allocator keeps from a call then never hides a larger one's
+    grid = sorted(((h, w, b) for h, w in SIZES for b in BATCHES if (h, w, b) not in SKIPPED),
+                  key=lambda hwb: hwb[0] * hwb[1] * hwb[2])
     with torch.inference_mode():
-        for height, width in SIZES:
-            for batch in BATCHES:
-                if (height, width, batch) in SKIPPED:
-                    continue
-                x = torch.randn(batch, 3, height, width)
-                for name, model, inputs in (("fp32", fp32, x), ("bf16", bf16, x.to(torch.bfloat16))):
-                    memory = _peak_rise(lambda: model(pixel_values=inputs))
-                    times = []
-                    for _ in range(repeats):
-                        start = time.perf_counter()
-                        model(pixel_values=inputs)
-                        times.append(time.perf_counter() - start)
-                    rows.append({"precision": name, "size": f"{height}x{width}", "batch": batch,
-                                 "latency_ms": float(np.median(times)) * 1e3, "peak_rise": memory})
+        for height, width, batch in grid:
+            x = torch.randn(batch, 3, height, width)
+            for name, model, inputs in (("fp32", fp32, x), ("bf16", bf16, x.to(torch.bfloat16))):
+                memory = _peak_rise(lambda: model(pixel_values=inputs))
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    model(pixel_values=inputs)
+                    times.append(time.perf_counter() - start)
+                rows.append({"precision": name, "size": f"{height}x{width}", "batch": batch,
+                             "latency_ms": float(np.median(times)) * 1e3, "peak_rise": memory})
     scratch = Path(scratch or tempfile.mkdtemp(prefix="moa_scaling_"))
     for height, width in INT8_SIZES:
         processor = MoADepthCLIPImageProcessor(size={"height": height, "width": width})
@@ -103,7 +103,8 @@ def plot_scaling(result, path):
     for (precision, batch), marker in zip(
         sorted({(r["precision"], r["batch"]) for r in result["rows"]}), "os^vD<>ph*"
     ):
-        rows = [r for r in result["rows"] if r["precision"] == precision and r["batch"] == batch]
+        rows = sorted((r for r in result["rows"] if r["precision"] == precision and r["batch"] == batch),
+                      key=lambda r: int(r["size"].split("x")[0]) * int(r["size"].split("x")[1]))
         pixels = [int(r["size"].split("x")[0]) * int(r["size"].split("x")[1]) for r in rows]
         label = f"{precision}, batch {batch}"
         axes[0].plot(pixels, [r["latency_ms"] / batch for r in rows], marker=marker, label=label)
