@@ -293,7 +293,8 @@ def render_precision(result) -> list[str]:
     else:
         metrics = accuracy["metrics"]
         lines += [
-            f"Trained model `{accuracy['model']}` on the {accuracy['frames']} shared NYU frames; depth through each "
+            (f"Separate run of {accuracy['date']}. " if accuracy.get("date") else "")
+            + f"Trained model: {accuracy['model']}; the {accuracy['frames']} shared NYU frames; depth through each "
             "pipeline at image size, compared with fp32 on the pixels with valid ground truth; delta1 and AbsRel "
             "against the ground truth (Eigen crop, mean over frames).",
             "",
