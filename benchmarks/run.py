@@ -1,12 +1,13 @@
 """Speed, memory and parameter efficiency of MoA-DepthCLIP against the models users would pick instead.
 
-    python benchmarks/run.py            # full run, a few minutes on 2 CPU cores; writes BENCHMARKS.md
+    python benchmarks/run.py            # full run (half an hour on 2 shared CPU cores); writes BENCHMARKS.md
     python benchmarks/run.py --quick    # fewer repetitions
     python benchmarks/run.py --no-write # print only
     python benchmarks/run.py --sections precision gpu   # only these sections (the others keep their last figures)
     python benchmarks/run.py --device cuda               # the GPU section on a machine with one
+    python benchmarks/run.py --render-only               # BENCHMARKS.md from the kept figures
 
-Everything is measured in this one run, on this machine, with randomly initialised weights (speed and memory do not
+Every section is measured in one run, on this machine, with randomly initialised weights (speed and memory do not
 depend on the weight values; no model hub is reachable here):
 
 1. end to end: a 640x480 PIL image in, depth at 640x480 out, through each model's own
@@ -17,7 +18,8 @@ depend on the weight values; no model hub is reachable here):
 2. where the time of this project's pipeline goes: preprocessing, model forward, postprocessing;
 3. the model forward's achieved FLOP/s (FLOPs of the executed graph from `torch.utils.flop_counter.FlopCounterMode`)
    against a large fp32 matmul timed interleaved with it;
-4. training cost: parameters, time per AdamW step and peak memory (each configuration in its own subprocess);
+4. training cost: parameters, time per AdamW step and peak memory (each configuration in its own subprocess); 4b
+   (`benchmarks/training_profile.py`, section "training"): data, forward, backward and optimiser per setting;
 5. peak memory (RSS) of inference, each model in its own subprocess;
 6. onnxruntime latency of the exported model (conversion/export_onnx.py);
 7. low precision and the CPU fast path (`benchmarks/precision.py`): eager fp32, bf16, inductor with freezing,
