@@ -125,9 +125,9 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         checkpoint_frozen_layers (`bool`, *optional*, defaults to `False`):
             In training, recompute the frozen CLIP blocks that lie after the first trainable module (they only pass
             gradients back to the adapters before them) in the backward pass instead of storing their activations.
-            Same gradients, less memory, one extra forward through those blocks: worth it for large batches or
-            inputs; at batch 8 and 224x224 their activations are a few MB and the recomputation costs ~15% of a
-            step (BENCHMARKS.md, section 4b).
+            Same gradients, less memory, one extra forward through those blocks: at batch 8 and 224x224 it saves
+            about 75 MiB and costs about 30% of the step (BENCHMARKS.md, section 4b); worth it for large batches
+            or inputs.
     """
 
     model_type = "moa_depthclip"
