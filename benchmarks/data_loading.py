@@ -90,7 +90,7 @@ def render_data(result, training_images_per_s: dict | None) -> list[str]:
     lines = [
         f"## 8. Data: frames/s of one loader worker at the training resolution ({size}, batch {result['batch']})",
         "",
-        "Per frame: read and decode, augment (flip, zoom and crop, rotation, colour jitter), and its share of "
+        (f"Run of {result['date']}. " if result.get("date") else "") + "Per frame: read and decode, augment (flip, zoom and crop, rotation, colour jitter), and its share of "
         "collating the batch; one thread, the two paths interleaved over the same frames and draws. Today's path "
         "augments the full frame and lets the collator resize it; the training view now samples the augmented "
         "frame once at the model input size (`TrainingExamples(..., target_size=input_size)`, what "

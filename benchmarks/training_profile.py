@@ -110,7 +110,7 @@ def render_training_profile(result) -> list[str]:
         )
     lines += [
         "",
-        "Settings timed round-robin, medians. Data = producing the batch in the training process (the shared NYU "
+        (f"Run of {result['date']}. " if result.get("date") else "") + "Settings timed round-robin, medians. Data = producing the batch in the training process (the shared NYU "
         "frames, decode + augmentation at 224x224 + collation); a loader worker does it in parallel with the step. "
         "The default trains the MoA, decoder, head and CLIP blocks 8-11; blocks 0-2 run without a graph; blocks "
         "3-7 are frozen but lie between the first MoA (after block 2) and the trainable blocks, so gradients pass "
