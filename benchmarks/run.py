@@ -1,11 +1,13 @@
 """Speed, memory and parameter efficiency of MoA-DepthCLIP against the models users would pick instead.
 
-    python benchmarks/run.py            # full run, a few minutes on 2 CPU cores; writes BENCHMARKS.md
+    python benchmarks/run.py            # full run (half an hour on 2 shared CPU cores); writes BENCHMARKS.md
     python benchmarks/run.py --quick    # fewer repetitions
     python benchmarks/run.py --no-write # print only
-    python benchmarks/run.py --only-compile  # just the eager / packed / compiled rows, printed
+    python benchmarks/run.py --sections precision gpu   # only these sections (the others keep their last figures)
+    python benchmarks/run.py --device cuda               # the GPU section on a machine with one
+    python benchmarks/run.py --render-only               # BENCHMARKS.md from the kept figures
 
-Everything is measured in this one run, on this machine, with randomly initialised weights (speed and memory do not
+Every section is measured in one run, on this machine, with randomly initialised weights (speed and memory do not
 depend on the weight values; no model hub is reachable here):
 
 1. end to end: a 640x480 PIL image in, depth at 640x480 out, through each model's own
@@ -16,10 +18,20 @@ depend on the weight values; no model hub is reachable here):
 2. where the time of this project's pipeline goes: preprocessing, model forward, postprocessing;
 3. the model forward's achieved FLOP/s (FLOPs of the executed graph from `torch.utils.flop_counter.FlopCounterMode`)
    against a large fp32 matmul timed interleaved with it;
-4. training cost: parameters, time per AdamW step and peak memory (each configuration in its own subprocess);
+4. training cost: parameters, time per AdamW step and peak memory (each configuration in its own subprocess); 4b
+   (`benchmarks/training_profile.py`, section "training"): data, forward, backward and optimiser per setting;
 5. peak memory (RSS) of inference, each model in its own subprocess;
 6. onnxruntime latency of the exported model (conversion/export_onnx.py);
-7. batch-1 forward eager, with `PackedLinear`, and under `torch.compile` (`--only-compile` runs just these rows).
+7. low precision and the CPU fast path (`benchmarks/precision.py`): eager fp32, bf16, inductor with freezing,
+   onnxruntime fp32 and its dynamic int8 quantisation (and torchao's int8 where installed), the int8 pipeline end
+   to end against fp32, and int8's depth against fp32 on the NYU frames with a trained model (`--model-dir`);
+8. data (`benchmarks/data_loading.py`): frames/s of one loader worker per source kind, today's path and the
+   training view at the model input size;
+9. the GPU path (`benchmarks/gpu.py`, `--device cuda`): inference throughput and bf16 training with the data loader;
+10. scaling (`benchmarks/scaling.py`): latency and peak memory against input size and batch, fp32 / bf16 / int8.
+
+Each section's figures are kept in benchmarks/results/SECTION.json with the run's date and machine, so that
+`--sections` reruns some of them and BENCHMARKS.md is rendered from all; the report says which run each came from.
 
 Peak memory is the kernel's resident-set high-water mark (`VmHWM` of /proc/self/status), reset with
 /proc/self/clear_refs just before the measured work, reported as the absolute peak and as the rise over the resident
@@ -42,7 +54,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so that on a shared machine the PyTorch
+# candidates are not slowed by their own spinning threads more than onnxruntime (run without spinning) is
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +72,6 @@ THROUGHPUT_BATCH = 8
 
 OURS_DEFAULT = "MoA-DepthCLIP default"
 OURS_PAPER = "MoA-DepthCLIP paper"
-# the default model without `pack_linear_layers`: MKL's sgemm instead of `PackedLinear`
-OURS_UNPACKED = "MoA-DepthCLIP default, unpacked weights"
 DEPTH_ANYTHING = "Depth Anything V2 Small"
 DPT_HYBRID = "DPT-Hybrid"
 MODELS = (OURS_DEFAULT, OURS_PAPER, DEPTH_ANYTHING, DPT_HYBRID)
@@ -131,20 +145,18 @@ def save_models(folder: Path) -> dict:
     return folders
 
 
-def load_pipeline(folder, dtype="float32", unpacked=False):
+def load_pipeline(folder, dtype="float32"):
     from transformers import pipeline
     from transformers.utils import logging as hf_logging
 
-    from modeling_moa_depthclip import MoADepthCLIPDepthEstimationPipeline, pack_linear_layers
+    from modeling_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
     from modeling_moa_depthclip.loading import MODEL_TYPES
 
     hf_logging.disable_progress_bar()
     pipe = pipeline("depth-estimation", model=str(folder), device="cpu", dtype=dtype)
     if pipe.model.config.model_type not in MODEL_TYPES:
-        return pipe
-    # ours: the package's pipeline, and the CPU fast path on the model loaded here, as the CLI runs it
-    if not unpacked and dtype == "float32":
-        pack_linear_layers(pipe.model)
+        return pipe  # a peer: transformers' own pipeline
+    # ours: the package's pipeline, as users reach it (`pipeline_class=`), on the model loaded here
     return MoADepthCLIPDepthEstimationPipeline(model=pipe.model, image_processor=pipe.image_processor, device="cpu")
 
 
@@ -263,33 +275,21 @@ def bench_stages(pipe, image, repeats):
 # 3. closeness to the machine's limit
 
 
-def _packed_linear_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs):
-    """FLOPs of `mkldnn._linear_pointwise` (the kernel of `PackedLinear`), which FlopCounterMode does not know."""
-    rows = int(np.prod(input_shape[:-1]))
-    return 2 * rows * weight_shape[0] * weight_shape[1]
-
-
 def bench_flops(pipelines, repeats):
-    """The forward's FLOP/s against the faster of torch.mm (MKL) and oneDNN on a large fp32 matmul."""
+    """The forward's FLOP/s against torch.mm on a large fp32 matmul."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(MATMUL_N, MATMUL_N, generator=generator)
     b = torch.randn(MATMUL_N, MATMUL_N, generator=generator)
-    packed_b = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), MATMUL_N)
-    matmuls = {
-        "matmul (torch.mm)": lambda: torch.mm(a, b),
-        "matmul (oneDNN)": lambda: torch.ops.mkldnn._linear_pointwise(a, packed_b, None, "none", [], ""),
-    }
+    matmuls = {"matmul (torch.mm)": lambda: torch.mm(a, b)}
     results = {}
     for name in (OURS_DEFAULT, OURS_PAPER):
         model = pipelines[name].model
         pixel_values = torch.randn(THROUGHPUT_BATCH, 3, 224, 224, generator=generator)
         with torch.inference_mode():
-            counter = FlopCounterMode(
-                display=False, custom_mapping={torch.ops.mkldnn._linear_pointwise: _packed_linear_flops}
-            )
+            counter = FlopCounterMode(display=False)
             with counter:
                 model(pixel_values=pixel_values)
             times = interleaved_medians(
@@ -304,87 +304,11 @@ def bench_flops(pipelines, repeats):
             "forward_ms": times["forward"] * 1e3,
             "achieved": flops / times["forward"] / 1e9,
             "matmul_mkl": rates["matmul (torch.mm)"] / 1e9,
-            "matmul_onednn": rates["matmul (oneDNN)"] / 1e9,
             "matmul": matmul_rate / 1e9,
             "fraction": flops / times["forward"] / matmul_rate,
             "by_op": {op: count / flops for op, count in by_op.items()},
         }
     return results
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# 7. eager, packed and compiled forward
-
-
-COMPILE_SIZE = 224
-
-
-def bench_compile(folder, repeats):
-    """Batch-1 forward of the default model: eager `nn.Linear`, `PackedLinear` and `torch.compile` (inductor,
-    fullgraph). Information, not a floor."""
-    import copy
-
-    import torch
-
-    from modeling_moa_depthclip import MoADepthCLIPForDepthEstimation, pack_linear_layers
-
-    eager = MoADepthCLIPForDepthEstimation.from_pretrained(folder).eval()
-    packed = copy.deepcopy(eager)
-    pack_linear_layers(packed)
-    pixel_values = torch.randn(1, 3, COMPILE_SIZE, COMPILE_SIZE, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        reference = eager(pixel_values=pixel_values).predicted_depth
-        compiled = torch.compile(eager, fullgraph=True)
-        start = time.perf_counter()
-        compiled_depth = compiled(pixel_values=pixel_values).predicted_depth
-        compile_s = time.perf_counter() - start
-        times = interleaved_medians(
-            {
-                "eager": lambda: eager(pixel_values=pixel_values),
-                "packed": lambda: packed(pixel_values=pixel_values),
-                "compiled": lambda: compiled(pixel_values=pixel_values),
-            },
-            repeats, warmup=2,
-        )
-        packed_depth = packed(pixel_values=pixel_values).predicted_depth
-    return {
-        "latency_ms": {name: value * 1e3 for name, value in times.items()},
-        "compile_s": compile_s,
-        "max_diff_m": {
-            "packed": float((packed_depth - reference).abs().max()),
-            "compiled": float((compiled_depth - reference).abs().max()),
-        },
-        "threads": torch.get_num_threads(),
-    }
-
-
-def render_compile(result) -> list[str]:
-    latency = result["latency_ms"]
-    labels = {
-        "eager": "eager (`nn.Linear`: MKL's sgemm)",
-        "packed": "packed (`PackedLinear`: oneDNN on weights packed once; the pipeline's default on CPU)",
-        "compiled": "compiled (`torch.compile(model, fullgraph=True)`, inductor)",
-    }
-    lines = [
-        f"## 7. Eager, packed and compiled forward ({OURS_DEFAULT}, batch 1, {COMPILE_SIZE}x{COMPILE_SIZE}, fp32, "
-        "information)",
-        "",
-        "| forward | batch-1 latency (ms) | x eager | max abs difference from eager (m) |",
-        "| --- | --- | --- | --- |",
-    ]
-    for name, label in labels.items():
-        difference = result["max_diff_m"].get(name)
-        lines.append(
-            f"| {label} | {latency[name]:.1f} | {latency[name] / latency['eager']:.2f} | "
-            f"{'-' if difference is None else f'{difference:.1e}'} |"
-        )
-    lines += [
-        "",
-        f"`model(pixel_values=...)` in inference mode, timed round-robin, {result['threads']} threads. The first "
-        f"compiled call (tracing and inductor's C++ build) took {result['compile_s']:.0f} s. `PackedLinear` steps "
-        "aside under `torch.compile`, so the compiled model is the same whether packed or not.",
-    ]
-    return lines
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -423,13 +347,13 @@ def _peak_of(function):
     return {"peak": peak, "baseline": baseline, "rise": peak - baseline, "exact": exact}
 
 
-def child_inference_memory(folder, batch_size, unpacked=False):
+def child_inference_memory(folder, batch_size):
     """Peak memory of the first pipeline call after loading, at one batch size (a fresh process per batch size:
     memory the allocator keeps from an earlier call would hide what a later one needs)."""
     import torch
 
     frames = load_frames(batch_size)
-    pipe = load_pipeline(folder, unpacked=unpacked)
+    pipe = load_pipeline(folder)
     with torch.no_grad():  # page in weights the loader may have memory-mapped, so the rise is the call's own
         for tensor in [*pipe.model.parameters(), *pipe.model.buffers()]:
             tensor.sum()
@@ -650,7 +574,7 @@ def render(results, quick) -> str:
         "",
         "Generated by `python benchmarks/run.py" + (" --quick" if quick else "") + "`: do not edit by hand. "
         "Randomly initialised weights (speed and memory do not depend on their values); "
-        "every figure comes from one run on the machine below, models interleaved round-robin.",
+        "every figure of sections 1-6 comes from one run on the machine below, models interleaved round-robin.",
         "",
         f"- machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']} RAM; "
         f"torch threads {machine['threads']}",
@@ -692,10 +616,6 @@ def render(results, quick) -> str:
         "multiple of 14; DPT-Hybrid = Intel/dpt-hybrid-midas (BiT-ResNet stem + ViT-B/16, neck 256/512/768/768, "
         "fusion 256), `DPTImageProcessorPil` 384x384. transformers' torchvision image processors are not used "
         "(no torchvision here).",
-        "",
-        f"{OURS_UNPACKED} is the default's saved model without `pack_linear_layers`: its "
-        "linear layers run `F.linear` (MKL's sgemm for fp32 on CPU) instead of `PackedLinear` (oneDNN on weights "
-        "packed once, which the pipeline installs on CPU in fp32), the only difference between the two rows.",
         "",
     ]
     bf16 = results["bf16"]
@@ -741,21 +661,21 @@ def render(results, quick) -> str:
         f"## 3. Model forward against the machine's matmul rate (batch {THROUGHPUT_BATCH}, 224x224, fp32)",
         "",
         f"| configuration | GFLOP per batch | forward (ms) | achieved GFLOP/s | {MATMUL_N}x{MATMUL_N} matmul GFLOP/s: "
-        "torch.mm / oneDNN | fraction of the faster | FLOPs by op |",
+        "torch.mm | fraction | FLOPs by op |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in flops.items():
         by_op = ", ".join(f"{op} {share:.1%}" for op, share in sorted(row["by_op"].items(), key=lambda kv: -kv[1]))
         lines.append(
             f"| {name} | {row['gflops']:.1f} | {row['forward_ms']:.0f} | {row['achieved']:.0f} | "
-            f"{row['matmul_mkl']:.0f} / {row['matmul_onednn']:.0f} | {row['fraction']:.0%} | {by_op} |"
+            f"{row['matmul_mkl']:.0f} | {row['fraction']:.0%} | {by_op} |"
         )
     lines += [
         "",
         "FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on the executed forward (2 per multiply-add; "
-        "`_linear_pointwise` is oneDNN's linear, run by `PackedLinear`; elementwise ops, softmax and normalisation "
-        "are not counted, so the fraction understates the work done). The machine's matmul rate is the faster of "
-        "the two libraries on the same matmul, timed interleaved with the forward.",
+        "elementwise ops, softmax and normalisation "
+        "are not counted, so the fraction understates the work done). The machine's matmul rate is "
+        "torch.mm's (MKL) on one large matmul, timed interleaved with the forward.",
         "",
         f"## 4. Training cost (batch {TRAIN_BATCH}, {TRAIN_SIZE}x{TRAIN_SIZE}, AdamW, composite loss)",
         "",
@@ -806,8 +726,7 @@ def render(results, quick) -> str:
         "Each figure from a fresh process: the pipeline is loaded and every weight read once (so memory-mapped "
         "weights are resident), then one call is measured (a first call, so one-time allocations count). "
         "Peak = resident-set high-water mark of the whole process during the call; rise = peak minus the resident "
-        "set just before it. The packed model's first call builds `PackedLinear`'s packed copy of every linear "
-        "weight, which stays resident: that is the difference from the unpacked row.",
+        "set just before it.",
     ]
     onnx = results.get("onnx")
     if onnx:
@@ -830,8 +749,6 @@ def render(results, quick) -> str:
             f"Export took {onnx['export_s']:.0f} s. The session runs with `allow_spinning=False`: onnxruntime's "
             "idle threads otherwise busy-wait after each run and slow the PyTorch runs interleaved with them.",
         ]
-    if results.get("compile"):
-        lines += [""] + render_compile(results["compile"])
     return "\n".join(lines) + "\n"
 
 
@@ -894,50 +811,16 @@ def bench_predict_dataset() -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (about half the runtime)")
-    parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"), help="report to write")
-    parser.add_argument("--no-write", action="store_true", help="print the report without writing it")
-    parser.add_argument("--skip-onnx", action="store_true", help="leave out the ONNX export and onnxruntime timing")
-    parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
-    parser.add_argument(
-        "--only-compile", action="store_true",
-        help="only the eager / packed / compiled rows of the default model, printed (BENCHMARKS.md is not written)",
-    )
-    parser.add_argument(
-        "--only-predict-dataset", action="store_true",
-        help="only the images/s of examples/predict_dataset.py (1 and 2 processes, batch 1 and 8), printed",
-    )
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.only_predict_dataset:
-        return bench_predict_dataset()
+SECTIONS = ("main", "training", "precision", "data", "scaling", "gpu")
+SCALING_PLOT = "benchmarks/scaling.png"
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+DEFAULT_TRAINED_MODEL = REPO_ROOT / "outputs" / "train" / "best"
 
-    if args.child:
-        kind, *rest = args.child
-        if kind == "inference":
-            result = child_inference_memory(rest[0], int(rest[1]), unpacked=rest[2:] == ["unpacked"])
-        else:
-            result = child_training(rest[0], int(rest[1]))
-        print(json.dumps(result))
-        return 0
 
-    repeats, batch_repeats, train_steps = (4, 1, 2) if args.quick else (10, 3, 4)
-    if args.only_compile:
-        with tempfile.TemporaryDirectory(prefix="moa_bench_") as tmp:
-            model, _ = build_model_and_processor(OURS_DEFAULT)
-            with contextlib.redirect_stderr(io.StringIO()):
-                model.save_pretrained(tmp)
-            del model
-            print("\n".join(render_compile(bench_compile(tmp, repeats))))
-        return 0
-    results = {"machine": machine_description(), "repeats": repeats, "batch_repeats": batch_repeats}
-    started = time.perf_counter()
-
-    def progress(message):
-        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
-
+def run_main_section(args, repeats, batch_repeats, train_steps, progress):
+    """Sections 1-6: peers end to end, stages, FLOP/s, training cost, memory, ONNX."""
+    results = {"machine": machine_description(), "repeats": repeats, "batch_repeats": batch_repeats,
+               "quick": args.quick}
     with tempfile.TemporaryDirectory(prefix="moa_bench_") as tmp:
         progress("building and saving the four models")
         folders = save_models(Path(tmp))
@@ -954,12 +837,7 @@ def main(argv=None) -> int:
             name: {f"batch{b}": run_child("inference", folders[name], b) for b in (1, THROUGHPUT_BATCH)}
             for name in MODELS
         }
-        results["inference_memory"][OURS_UNPACKED] = {
-            f"batch{b}": run_child("inference", folders[OURS_DEFAULT], b, "unpacked") for b in (1, THROUGHPUT_BATCH)
-        }
-
         pipelines = {name: load_pipeline(folders[name]) for name in MODELS}
-        pipelines[OURS_UNPACKED] = load_pipeline(folders[OURS_DEFAULT], unpacked=True)
         progress("end to end, batch 1 and batch 8")
         results["end_to_end"] = bench_end_to_end(pipelines, frames, repeats, batch_repeats)
         progress("bf16, batch 1")
@@ -971,18 +849,199 @@ def main(argv=None) -> int:
         if not args.skip_onnx:
             progress("ONNX export and onnxruntime")
             results["onnx"] = bench_onnx(pipelines[OURS_DEFAULT], frames, tmp, repeats)
-        if not args.skip_compile:
-            progress("eager, packed and compiled forward")
-            results["compile"] = bench_compile(folders[OURS_DEFAULT], repeats)
     results["load_end"] = _load_average()
     results["floors"] = evaluate_floors(results)
+    return results
+
+
+def run_precision_section(args, repeats, progress):
+    """Section 7: the CPU candidates side by side, the int8 pipeline end to end, int8 accuracy on NYU frames."""
+    import precision
+
+    from PIL import Image
+
+    results = {"machine": machine_description(), "repeats": repeats}
+    model, processor = build_model_and_processor(OURS_DEFAULT)
+    with tempfile.TemporaryDirectory(prefix="moa_bench_") as tmp:
+        progress("CPU candidates, 224x224 (compile, export and quantisation included as first-call time)")
+        results["candidates"] = precision.bench_candidates(
+            model, processor, repeats, sizes=((224, 224),), compile_model=not args.skip_compile, scratch=tmp,
+        )
+        progress("CPU candidates, 480x640 model input")
+        larger = precision.bench_candidates(model, processor, repeats, sizes=((480, 640),), compile_model=False,
+                                            scratch=tmp)
+        results["candidates"]["sizes"].update(larger["sizes"])
+        folder = Path(tmp) / "default"
+        with contextlib.redirect_stderr(io.StringIO()):
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
+        del model
+        os.environ.setdefault("MOA_DEPTHCLIP_CACHE", str(Path(tmp) / "cache"))
+        frames = {"640x480 image": load_frames(1)[0], "224x224 image": load_frames(1)[0].resize((224, 224), Image.BICUBIC)}
+        progress("pipelines end to end: float32 (default) against int8")
+        results["pipelines"] = precision.bench_pipelines(folder, frames, repeats, dtypes=("float32", "bfloat16", "int8"))
+    trained = Path(args.model_dir) if args.model_dir else DEFAULT_TRAINED_MODEL
+    if trained.is_dir() and DEFAULT_FRAMES.is_dir():
+        progress(f"bf16 and int8 against fp32 on the NYU frames with {trained}")
+        results["accuracy"] = precision.nyu_accuracy(trained, DEFAULT_FRAMES)
+        results["accuracy"]["model"] = str(args.model_dir or trained.relative_to(REPO_ROOT))
+    else:
+        results["accuracy"] = {"missing": f"no trained model at {trained} (pass --model-dir) or no NYU frames"}
+    return results
+
+
+def save_section(results_dir: Path, name, result):
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+def load_sections(results_dir: Path):
+    found = {}
+    for name in SECTIONS:
+        path = results_dir / f"{name}.json"
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+    return found
+
+
+KEPT_NOTE = ("> Sections 1-6 below are kept from an earlier run of `benchmarks/run.py` (its date is in the list "
+             "below); `python benchmarks/run.py --sections main` measures them again.")
+
+
+def kept_main_part(previous: Path) -> str | None:
+    """Sections 1-6 of an existing report, for a run that measured only other sections."""
+    if not previous.is_file():
+        return None
+    text = previous.read_text()
+    end = text.find("\n## 7.")
+    part = (text if end < 0 else text[:end]).rstrip("\n")
+    if KEPT_NOTE not in part:
+        header, _, rest = part.partition("\n\n")
+        part = f"{header}\n\n{KEPT_NOTE}\n\n{rest}"
+    return part
+
+
+def render_all(sections, previous: Path) -> str:
+    import gpu
+    import precision
+
+    parts = []
+    kept = None if "main" in sections else kept_main_part(previous)
+    if "main" in sections:
+        main_part = render(sections["main"], sections["main"].get("quick", False)).rstrip("\n")
+        header, _, rest = main_part.partition("\n\n")
+        parts.append(f"{header}\n\n> Sections 1-6 come from one run (its date is in the list below); sections 4b "
+                     f"and 7-10 each name the run they come from.\n\n{rest}")
+    elif kept:
+        parts.append(kept)
+    else:
+        parts.append("# Benchmarks\n\nSections 1-6 have not been run on this tree yet (`python benchmarks/run.py "
+                     "--sections main`).")
+    if "training" in sections:
+        import training_profile
+
+        parts.append("\n".join(training_profile.render_training_profile(sections["training"])))
+    if "precision" in sections:
+        parts.append("\n".join(precision.render_precision(sections["precision"])))
+    if "data" in sections:
+        import data_loading
+
+        training = (sections.get("main") or {}).get("training")
+        images_per_s = {label: TRAIN_BATCH / (row["step_ms"] / 1e3) for label, row in training.items()} if training else None
+        parts.append("\n".join(data_loading.render_data(sections["data"], images_per_s)))
+    if "gpu" in sections:
+        parts.append("\n".join(gpu.render_gpu(sections["gpu"])))
+    if "scaling" in sections:
+        import scaling
+
+        parts.append("\n".join(scaling.render_scaling(sections["scaling"], SCALING_PLOT)))
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (about half the runtime)")
+    parser.add_argument("--output", default=str(REPO_ROOT / "BENCHMARKS.md"), help="report to write")
+    parser.add_argument("--no-write", action="store_true", help="print the report without writing it")
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+        help="sections to run (default: all); the others keep their figures from benchmarks/results/",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: run only the GPU section (inference throughput, bf16 training)")
+    parser.add_argument("--model-dir", default=None,
+                        help=f"trained model for the int8 accuracy on NYU frames (default {DEFAULT_TRAINED_MODEL})")
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: write BENCHMARKS.md from the kept figures in --results-dir")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="where each section's figures are kept")
+    parser.add_argument("--skip-onnx", action="store_true", help="leave out the ONNX export and onnxruntime timing")
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile candidate")
+    parser.add_argument(
+        "--only-predict-dataset", action="store_true",
+        help="only the images/s of examples/predict_dataset.py (1 and 2 processes, batch 1 and 8), printed",
+    )
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.only_predict_dataset:
+        return bench_predict_dataset()
+
+    if args.child:
+        kind, *rest = args.child
+        if kind == "inference":
+            result = child_inference_memory(rest[0], int(rest[1]))
+        else:
+            result = child_training(rest[0], int(rest[1]))
+        print(json.dumps(result))
+        return 0
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    repeats, batch_repeats, train_steps = (4, 1, 2) if args.quick else (10, 3, 4)
+    sections = [] if args.render_only else ["gpu"] if args.device == "cuda" else args.sections
+    results_dir = Path(args.results_dir)
+    started = time.perf_counter()
+
+    def progress(message):
+        print(f"[{time.perf_counter() - started:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    if "gpu" in sections:
+        import gpu
+
+        progress("GPU section")
+        result = gpu.bench_gpu("cuda")
+        if "unavailable" in result:
+            print(result["unavailable"])
+        save_section(results_dir, "gpu", {**result, "date": machine_description()["date"]})
+    if "main" in sections:
+        save_section(results_dir, "main", run_main_section(args, repeats, batch_repeats, train_steps, progress))
+    if "training" in sections:
+        import training_profile
+
+        progress("training step: where the time goes")
+        save_section(results_dir, "training", {**training_profile.bench_training_profile(DEFAULT_FRAMES),
+                                               "date": machine_description()["date"]})
+    if "precision" in sections:
+        save_section(results_dir, "precision", run_precision_section(args, repeats, progress))
+    if "data" in sections:
+        import data_loading
+
+        progress("data: frames/s per worker for each source kind")
+        save_section(results_dir, "data", {**data_loading.bench_data(DEFAULT_FRAMES, repeats=2 if args.quick else 3),
+                                           "date": machine_description()["date"]})
+    if "scaling" in sections:
+        import scaling
+
+        progress("scaling: latency and memory against input size and batch")
+        result = {**scaling.bench_scaling(repeats=1 if args.quick else 2), "date": machine_description()["date"]}
+        save_section(results_dir, "scaling", result)
+        scaling.plot_scaling(result, REPO_ROOT / SCALING_PLOT)
     progress("done")
 
-    report = render(results, args.quick)
-    print(report)
+    report = render_all(load_sections(results_dir), Path(args.output))
     if not args.no_write:
         Path(args.output).write_text(report)
         print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        print(report)
     return 0
 
 

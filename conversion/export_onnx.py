@@ -1,6 +1,12 @@
 """Export a saved MoA-DepthCLIP model to ONNX and check it against PyTorch in onnxruntime.
 
     python -m conversion.export_onnx --model PATH --output model.onnx [--images FILE_OR_DIR ...] [--overwrite]
+    python -m conversion.export_onnx --model PATH --output model-int8.onnx --quantize int8
+
+`--quantize int8` writes the graph with onnxruntime's dynamic int8 quantisation
+(`onnxruntime.quantization.quantize_dynamic`: int8 weights per output channel, activations quantised per call),
+the fastest CPU route BENCHMARKS.md measured; it is compared with the fp32 PyTorch model against
+`--tolerance` (default 1 cm for int8, as the quantised depth is an approximation).
 
 The ONNX graph takes `pixel_values` float32 `(batch, 3, height, width)` (the image processor's output; the batch
 axis is dynamic, height and width are fixed to the processor's size) and returns `predicted_depth` float32
@@ -53,11 +59,20 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.exit(f"run this from the repository root as a module: python -m conversion.{Path(__file__).stem} ...")
 
-from conversion.onnx_inference import PREPROCESSING_METADATA_KEY, OnnxDepthEstimator  # noqa: E402
+from conversion.onnx_inference import OnnxDepthEstimator  # noqa: E402
+from modeling_moa_depthclip.onnx_export import (  # noqa: E402, F401  (the package's exporter; re-exported here)
+    DEFAULT_OPSET,
+    QUANTIZATIONS,
+    export_onnx as _export_onnx,
+    output_names,
+    preprocessing_settings,
+    quantize_onnx_int8,
+)
 
 
-DEFAULT_OPSET = 18
 DEFAULT_TOLERANCE_M = 1e-3
+# int8 depth approximates fp32's: the bound users are promised for the quantised path (BENCHMARKS.md measures it)
+INT8_TOLERANCE_M = 1e-2
 DEFAULT_NUM_IMAGES = 4
 DEFAULT_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "nyu_eigen_test_sample"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -67,76 +82,12 @@ class ExportError(Exception):
     """A problem with the arguments, reported in one line."""
 
 
-def output_names(model) -> list[str]:
-    """The exported graph's outputs: the depth, and its uncertainty where the model has depth bins."""
-    from modeling_moa_depthclip.uncertainty import has_depth_bins
-
-    return ["predicted_depth", "depth_uncertainty"] if has_depth_bins(model.config) else ["predicted_depth"]
-
-
-def _depth_only(model):
-    import torch
-
-    names = output_names(model)
-
-    class DepthOnly(torch.nn.Module):
-        """`pixel_values -> predicted_depth[, depth_uncertainty]`: the graph ONNX gets, without the training-only
-        outputs."""
-
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values):
-            outputs = self.model(pixel_values=pixel_values, return_dict=True)
-            return tuple(outputs[name] for name in names)
-
-    return DepthOnly(model).eval()
-
-
-def preprocessing_settings(processor) -> dict:
-    return {
-        "do_resize": bool(processor.do_resize),
-        "size": dict(processor.size),
-        "resample": processor.resample,
-        "do_normalize": bool(processor.do_normalize),
-        "image_mean": [float(v) for v in processor.image_mean],
-        "image_std": [float(v) for v in processor.image_std],
-    }
-
-
-def export_onnx(model, processor, output, opset: int = DEFAULT_OPSET) -> Path:
-    """Write `model` as ONNX to `output` (dynamic batch, fixed processor size) and run `onnx.checker` on it."""
-    import onnx
-    import torch
-
-    output = Path(output)
-    height, width = processor.size["height"], processor.size["width"]
-    channels = model.config.vision_config.num_channels
-    example = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
-    program = torch.onnx.export(
-        _depth_only(model),
-        (example,),
-        dynamo=True,
-        opset_version=opset,
-        input_names=["pixel_values"],
-        output_names=output_names(model),
-        dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", min=1)}},
-        verbose=False,
-    )
-    program.model.metadata_props[PREPROCESSING_METADATA_KEY] = json.dumps(preprocessing_settings(processor))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # write beside the destination, then move: a failed export never leaves a half-written file
-    handle, partial = tempfile.mkstemp(suffix=".onnx", dir=output.parent)
-    os.close(handle)
+def export_onnx(model, processor, output, opset: int = DEFAULT_OPSET, quantize: str | None = None) -> Path:
+    """`modeling_moa_depthclip.onnx_export.export_onnx` with a bad `quantize` reported as an `ExportError`."""
     try:
-        program.save(partial)
-        onnx.checker.check_model(partial, full_check=True)
-        os.replace(partial, output)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return output
+        return _export_onnx(model, processor, output, opset=opset, quantize=quantize)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
 
 
 def onnx_opset(path) -> int:
@@ -219,7 +170,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES, help="frames compared (default 4)")
     parser.add_argument(
-        "--tolerance", type=float, default=DEFAULT_TOLERANCE_M, help="largest allowed difference in metres"
+        "--quantize", choices=QUANTIZATIONS, default=None,
+        help="write onnxruntime's dynamic int8 quantisation of the graph (faster on CPU; depth within about 1 cm)",
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=None,
+        help=f"largest allowed difference in metres (default {DEFAULT_TOLERANCE_M:g}; {INT8_TOLERANCE_M:g} with "
+        "--quantize int8)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = parser.parse_args(argv)
@@ -241,15 +198,20 @@ def main(argv=None) -> int:
     from modeling_moa_depthclip import load_image_file
 
     images = [load_image_file(path) for path in image_paths]
-    export_onnx(model, processor, output, opset=args.opset)
-    print(f"wrote {output} (ONNX opset {onnx_opset(output)}, {output.stat().st_size / 2**20:.1f} MiB); "
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, processor, output, opset=args.opset, quantize=args.quantize)
+    tolerance = args.tolerance if args.tolerance is not None else (
+        INT8_TOLERANCE_M if args.quantize == "int8" else DEFAULT_TOLERANCE_M
+    )
+    print(f"wrote {output} (ONNX opset {onnx_opset(output)}{', int8' if args.quantize else ''}, "
+          f"{output.stat().st_size / 2**20:.1f} MiB); "
           "onnx.checker: passed")
     differences = compare_with_pytorch(model, processor, output, images)
     worst = max(differences.values())
     details = ", ".join(f"{name}: {value:.2e} m" for name, value in differences.items())
     print(f"max |onnxruntime - PyTorch| on {len(images)} frames = {worst:.2e} m ({details}); "
-          f"tolerance {args.tolerance:g} m")
-    if worst > args.tolerance:
+          f"tolerance {tolerance:g} m")
+    if worst > tolerance:
         print("export_onnx: error: the exported model does not match PyTorch within the tolerance", file=sys.stderr)
         return 1
     return 0

@@ -34,8 +34,9 @@ except ImportError:  # run from a checkout without installing the package
 
 import gradio as gr
 
-from modeling_moa_depthclip.cli.predict import depth_to_millimetres_png, load_depth_pipeline
+from modeling_moa_depthclip.cli.predict import DTYPES, depth_to_millimetres_png, load_depth_pipeline
 from modeling_moa_depthclip.loading import ModelLoadError
+from modeling_moa_depthclip.quantization import QuantizationUnavailableError
 from modeling_moa_depthclip.data import NYU_HFOV_DEG, render_synthetic_scene
 from modeling_moa_depthclip.image_processing_moa_depthclip import ImageLoadError, load_image_file, to_rgb8_image
 from modeling_moa_depthclip.geometry.point_cloud import (
@@ -440,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address to listen on (default 127.0.0.1: this machine only)")  # fmt: skip
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None,
+        help="weights and activations (default: float32 as saved; int8 is the fastest on CPU, see BENCHMARKS.md)",
+    )  # fmt: skip
     parser.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond this are refused")
     return parser
 
@@ -450,10 +455,10 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: give --model PATH_OR_HUB_ID (a saved MoA-DepthCLIP) or set ${MODEL_ENV}; the "
                          "training run writes outputs/train/best")  # fmt: skip
     try:
-        depth_pipeline = load_depth_pipeline(args.model, args.device)
-    except ModelLoadError as error:
+        depth_pipeline = load_depth_pipeline(args.model, args.device, args.dtype)
+    except (ModelLoadError, QuantizationUnavailableError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
-    # the first call packs the weights and sets up the kernels (seconds on a CPU): pay it before the first visitor
+    # the first call sets up the kernels (and int8's session): pay it before the first visitor
     size = depth_pipeline.image_processor.size
     depth_pipeline(Image.new("RGB", (size["width"], size["height"])))
     demo = DepthDemo(depth_pipeline, args.model, find_nyu_sample()).build()

@@ -84,6 +84,7 @@ from modeling_moa_depthclip.data import (  # noqa: E402
     SourceKind,
     TrainingExamples,
     classify_source,
+    default_num_workers,
 )
 from modeling_moa_depthclip.evaluation import (  # noqa: E402
     AVERAGING,
@@ -196,7 +197,8 @@ class TrainArguments:
         "HEIGHT WIDTH: render size of synthetic training/validation scenes (the synthetic test split is rendered "
         "at 480x640)")})
     no_augmentation: bool = field(default=False, metadata=_help("train without DepthAugmentation"))
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: int = field(default_factory=default_num_workers, metadata=_help(
+        "data loader processes (default: 0 on a machine of 1-2 cores, else half the cores, at most 8)"))
     # optimisation
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
@@ -457,7 +459,10 @@ def require_valid_depth(args: TrainArguments, train_set, model):
 
 def train_dataloader_for(args: TrainArguments, train_set, image_processor, input_size) -> DataLoader:
     augmentation = None if args.no_augmentation else DepthAugmentation(output_size=None)
-    train_dataset = TrainingExamples(train_set, augmentation, args.seed, cache=args.dataset == "synthetic")
+    # examples come out at the model input size: augmenting the full frame for the collator to resize costs ~6x more
+    target_size = None if args.labels_at_native_resolution else input_size
+    train_dataset = TrainingExamples(train_set, augmentation, args.seed, cache=args.dataset == "synthetic",
+                                     target_size=target_size)
     return DataLoader(
         train_dataset, batch_size=args.per_device_train_batch_size,
         sampler=EpochShuffleSampler(len(train_dataset), args.seed),

@@ -19,7 +19,6 @@ from .modeling_moa_depthclip import (
     MoADepthCLIPForDepthEstimation,
     MoADepthCLIPPreTrainedModel,
 )
-from .packed_linear import PackedLinear, pack_linear_layers, unpack_linear_layers
 from .pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
 
 
@@ -55,8 +54,5 @@ __all__ = [
     "MoADepthCLIPForDepthEstimation",
     "MoADepthCLIPImageProcessor",
     "MoADepthCLIPPreTrainedModel",
-    "PackedLinear",
     "load_image_file",
-    "pack_linear_layers",
-    "unpack_linear_layers",
 ]

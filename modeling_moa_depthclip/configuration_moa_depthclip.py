@@ -112,10 +112,12 @@ class MoADepthCLIPConfig(PreTrainedConfig):
             `"regression"` keep one branch. (DepthCLIP's zero-shot baseline is its own model: `DepthCLIPConfig`.)
         loss_weights (`dict[str, float]`, *optional*): Weights of `bin_ce`, `l1`, `silog`, `gradient`, `ssim`.
         silog_lambda (`float`, *optional*, defaults to 0.85): Variance focus of the SILog loss.
-        checkpoint_frozen_layers (`bool`, *optional*, defaults to `True`):
+        checkpoint_frozen_layers (`bool`, *optional*, defaults to `False`):
             In training, recompute the frozen CLIP blocks that lie after the first trainable module (they only pass
             gradients back to the adapters before them) in the backward pass instead of storing their activations.
-            Same gradients, less memory, one extra forward through those blocks.
+            Same gradients, less memory, one extra forward through those blocks: at batch 8 and 224x224 it saves
+            about 75 MiB and costs about 30% of the step (BENCHMARKS.md, section 4b); worth it for large batches
+            or inputs.
     """
 
     model_type = "moa_depthclip"
@@ -162,7 +164,7 @@ class MoADepthCLIPConfig(PreTrainedConfig):
         head="hybrid",
         loss_weights=None,
         silog_lambda=0.85,
-        checkpoint_frozen_layers=True,
+        checkpoint_frozen_layers=False,
         initializer_range=0.02,
         **kwargs,
     ):

@@ -345,3 +345,12 @@ def test_heads_return_named_outputs_with_the_bin_distribution():
         assert (single.regression_depth is None) == (head == "classification")
         branch = single.classification.depth if head == "classification" else single.regression_depth
         assert torch.equal(single.depth, branch) and getattr(single, present) is not None
+
+
+def test_by_default_frozen_blocks_keep_their_activations_instead_of_recomputing():
+    # at the default batch the recomputation costs more time than the activations it saves cost memory
+    model = tiny_model().train()
+    counter = [0]
+    model.vision_model.encoder.layers[2].register_forward_pre_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    model(torch.randn(2, 3, 64, 64), labels=1.0 + torch.rand(2, 64, 64)).loss.backward()
+    assert counter[0] == 1

@@ -1,7 +1,7 @@
 """`moa-depthclip` command line: metric depth for image files and folders of images.
 
     moa-depthclip predict IMAGE_OR_FOLDER... --model PATH_OR_HUB_ID --output-dir DIR [--overwrite]
-                          [--batch-size N] [--dtype float32|bfloat16|float16] [--device DEVICE]
+                          [--batch-size N] [--dtype float32|bfloat16|float16|int8] [--device DEVICE]
                           [--point-cloud [--fov DEG | --intrinsics nyu|fx,fy,cx,cy]] [--uncertainty]
     moa-depthclip --version
 
@@ -24,18 +24,23 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
+import torch
+import transformers
 from PIL import Image
+from tqdm.auto import tqdm
 
+from .. import __version__
 from .arguments import positive_int
 from ..image_processing_moa_depthclip import ImageLoadError, load_image_file
 from ..loading import ModelLoadError, load_config
 from ..geometry.point_cloud import DEFAULT_HFOV_DEG, depth_to_point_cloud, parse_intrinsics, resolve_intrinsics, write_ply
+from ..quantization import INFERENCE_DTYPES, QuantizationUnavailableError, load_depth_pipeline as load_pipeline
 from ..uncertainty import has_depth_bins
 from ..visualization import colorize_depth, uncertainty_figure
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = INFERENCE_DTYPES
 POINT_CLOUD_SUFFIX = "_points.ply"
 UNCERTAINTY_SUFFIXES = ("_uncertainty.npy", "_uncertainty.png")
 
@@ -54,21 +59,10 @@ def _note(message: str, kind: str = "note"):
 
 
 def load_depth_pipeline(model: str, device: str | None = None, dtype: str | None = None):
-    """The depth pipeline (`MoADepthCLIPDepthEstimationPipeline`) on a saved model, local folder or Hub id, that this
-    function loads itself. Raises `ModelLoadError` (one line naming the folder or file and the reason)."""
-    import torch
-
-    from ..loading import load_model_and_processor
-    from ..packed_linear import pack_linear_layers
-    from ..pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded, image_processor = load_model_and_processor(model, dtype=getattr(torch, dtype) if dtype is not None else None)
-    if torch.device(device).type == "cpu" and next(loaded.parameters()).dtype == torch.float32:
-        # the CPU fast path, on the model loaded here (nobody else holds it)
-        pack_linear_layers(loaded)
-    return MoADepthCLIPDepthEstimationPipeline(model=loaded, image_processor=image_processor, device=device)
+    """The MoA-DepthCLIP depth pipeline on a saved model (local folder or Hub id) in `dtype` (one of `DTYPES`; int8:
+    onnxruntime's int8 quantisation, exported once and cached). Raises `ModelLoadError` (one line naming the folder
+    or file and the reason), `QuantizationUnavailableError`, or `ValueError` for a dtype the device cannot run."""
+    return load_pipeline(model, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -235,9 +229,9 @@ def check_inputs(planned: list) -> tuple[list, int]:
 
 
 def predict(args) -> int:
-    from tqdm.auto import tqdm
-
     # everything that can be refused is refused before the model is loaded (a Hub id downloads first)
+    if args.dtype == "int8" and args.device not in (None, "cpu"):
+        _fail(f"--dtype int8 runs on the CPU (onnxruntime); drop --device {args.device}")
     if (args.fov is not None or args.intrinsics is not None) and not args.point_cloud:
         _fail("--fov and --intrinsics describe the camera for --point-cloud; add --point-cloud")
     output_dir = Path(args.output_dir)
@@ -307,11 +301,6 @@ def _fov_argument(text: str) -> float:
 
 
 def _version() -> str:
-    import torch
-    import transformers
-
-    from .. import __version__
-
     return f"moa-depthclip {__version__} (transformers {transformers.__version__}, torch {torch.__version__})"
 
 
@@ -337,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass")
     predict_parser.add_argument(
         "--dtype", choices=DTYPES, default=None,
-        help="weights and activations (default: float32 as saved; bfloat16 is faster on recent CPUs and GPUs)",
+        help="weights and activations (default: float32 as saved; bfloat16 is faster on recent CPUs and GPUs; int8: "
+        "onnxruntime's int8 quantisation on CPU, the fastest there, depth within about 1 cm of float32; the first "
+        "int8 run exports the model once, see BENCHMARKS.md)",
     )  # fmt: skip
     predict_parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     predict_parser.add_argument(
@@ -366,7 +357,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ModelLoadError as error:
+    except (ModelLoadError, QuantizationUnavailableError) as error:
         _fail(str(error))
 
 

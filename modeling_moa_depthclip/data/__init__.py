@@ -15,7 +15,7 @@ The depth range is never decided here: functions take `min_depth` / `max_depth` 
 pass the model's `config.min_depth` / `config.max_depth`.
 """
 
-from .augmentation import DepthAugmentation, DepthCollator, TrainingExamples
+from .augmentation import DepthAugmentation, DepthCollator, TrainingExamples, default_num_workers
 from .layouts import STANDARD_SPLITS
 from .nyu import NpyFrames, index_tar_shard, read_fastdepth_h5
 from .reading import (
@@ -63,5 +63,6 @@ __all__ = [
     "render_room",
     "render_synthetic_scene",
     "sanitize_depth",
+    "default_num_workers",
     "with_example_transform",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Mapping
 
 import numpy as np
@@ -12,7 +13,16 @@ from PIL import Image
 
 from .reading import to_rgb_image
 
-__all__ = ["DepthAugmentation", "DepthCollator", "TrainingExamples"]
+__all__ = ["DepthAugmentation", "DepthCollator", "TrainingExamples", "default_num_workers"]
+
+
+def default_num_workers(cpu_count: int | None = None) -> int:
+    """Data loader processes for training on this machine: none on 1-2 cores, where a worker would take the cores
+    the training step runs on; otherwise half the cores, at most 8 (one worker makes a few hundred frames/s at
+    224x224, BENCHMARKS.md)."""
+    cores = cpu_count if cpu_count is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                     else os.cpu_count() or 1)
+    return 0 if cores <= 2 else min(8, cores // 2)
 
 _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float32)
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
@@ -108,8 +118,18 @@ class DepthAugmentation:
         offset = centre_in + rotation @ (flip_shift - np.array([out_w / 2, out_h / 2])) / zoom
         return (matrix[0, 0], matrix[0, 1], offset[0], matrix[1, 0], matrix[1, 1], offset[1])
 
-    def apply(self, image: Any, depth: Any, params: Mapping[str, Any]) -> tuple[Image.Image, np.ndarray]:
-        """Apply given parameters (from :meth:`sample_params`) to an image/depth pair."""
+    def apply(
+        self, image: Any, depth: Any, params: Mapping[str, Any], target_size: tuple[int, int] | None = None
+    ) -> tuple[Image.Image, np.ndarray]:
+        """Apply given parameters (from :meth:`sample_params`) to an image/depth pair.
+
+        With `target_size` `(height, width)` the augmented frame (of `output_size`) comes out resized to it: the
+        same geometry as augmenting and then resizing, but sampled once at the target size, with the colour jitter
+        on the small image. That is several times cheaper when the model input is smaller than the frame (training
+        at 224x224 on 640x480 NYU frames). The image is box-filtered first by the whole factor it shrinks by
+        (`Image.reduce`), standing in for the antialiasing of the resize it replaces; the depth is sampled by
+        nearest neighbour, as the collator's resize of the labels does.
+        """
         image = to_rgb_image(image)
         depth = np.asarray(depth, dtype=np.float32)
         if depth.shape != (image.height, image.width):
@@ -118,9 +138,20 @@ class DepthAugmentation:
             )
         out_h, out_w = self.output_size or (image.height, image.width)
         coeffs = self.affine_coefficients((image.height, image.width), params)
-        image = image.transform(
-            (out_w, out_h), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)
-        )
+        if target_size is not None and tuple(target_size) != (out_h, out_w):
+            target_h, target_w = (int(v) for v in target_size)
+            sx, sy = out_w / target_w, out_h / target_h
+            # output pixel of the target grid -> output pixel of the full grid -> input pixel
+            a, b, c, d, e, f = coeffs
+            coeffs = (a * sx, b * sy, c, d * sx, e * sy, f)
+            out_h, out_w = target_h, target_w
+            a, b, c, d, e, f = coeffs
+            # input pixels per target pixel along each output axis
+            image = self._sample_image_reduced(image, coeffs, (out_w, out_h), math.hypot(a, d), math.hypot(b, e))
+        else:
+            image = image.transform(
+                (out_w, out_h), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0)
+            )
         depth_image = Image.fromarray(np.ascontiguousarray(depth))  # mode "F"
         depth = np.asarray(
             depth_image.transform(
@@ -129,6 +160,19 @@ class DepthAugmentation:
             dtype=np.float32,
         ).copy()
         return self._jitter(image, params), depth
+
+    @staticmethod
+    def _sample_image_reduced(image: Image.Image, coeffs, size, step_x: float, step_y: float) -> Image.Image:
+        """Bilinear affine sampling at `size`, from the image box-reduced by the whole input-pixel step per output
+        pixel along each axis (roughly `step_x`, `step_y`), so that the sampling does not alias."""
+        factor_x, factor_y = max(1, int(step_x)), max(1, int(step_y))
+        if (factor_x, factor_y) != (1, 1):
+            image = image.reduce((factor_x, factor_y))
+            a, b, c, d, e, f = coeffs
+            # coordinates in the reduced image: input pixel / factor (pixel i covers [i, i + 1) in both)
+            coeffs = (a / factor_x, b / factor_x, c / factor_x, d / factor_y, e / factor_y, f / factor_y)
+        return image.transform(size, Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR,
+                               fillcolor=(0, 0, 0))
 
     @staticmethod
     def _jitter(image: Image.Image, params: Mapping[str, Any]) -> Image.Image:
@@ -170,11 +214,17 @@ class TrainingExamples(torch.utils.data.Dataset):
 
     Each example's augmentation is drawn from a generator seeded with `(seed, epoch, index)` only, so a run's data
     does not depend on how samples were spread over workers or where a run was resumed. With `cache`, decoded base
-    examples are kept in memory (worth it when producing them is slow, e.g. rendered scenes).
+    examples are kept in memory (worth it when producing them is slow, e.g. rendered scenes). With `target_size`
+    (the model input), augmented examples come out at that size (`DepthAugmentation.apply(..., target_size)`):
+    the same augmentation, several times cheaper than augmenting the full frame for the collator to resize.
     """
 
-    def __init__(self, base, augmentation: DepthAugmentation | None, seed: int, cache: bool = False):
+    def __init__(
+        self, base, augmentation: DepthAugmentation | None, seed: int, cache: bool = False,
+        target_size: tuple[int, int] | None = None,
+    ):
         self.base, self.augmentation, self.seed = base, augmentation, seed
+        self.target_size = tuple(int(v) for v in target_size) if target_size is not None else None
         self.num_examples = len(base)
         self._cache: dict[int, dict] | None = {} if cache else None
 
@@ -195,7 +245,7 @@ class TrainingExamples(torch.utils.data.Dataset):
             return example
         rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(epoch), int(index)])
         params = self.augmentation.sample_params(rng)
-        image, depth = self.augmentation.apply(example["image"], example["depth"], params)
+        image, depth = self.augmentation.apply(example["image"], example["depth"], params, self.target_size)
         return {"image": image, "depth": depth, "name": example["name"]}
 
 
