@@ -23,9 +23,11 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-from modeling_moa_depthclip.evaluation.protocol import default_nyu_sample_dir  # noqa: E402
+sys.path.insert(1, str(REPO_ROOT / "examples"))
+from modeling_moa_depthclip.evaluation import nyu_sample_dir  # noqa: E402
+from sample_data import NYU_SAMPLE_DIR  # noqa: E402  the scripts' one choice of the NYU frames
 
-DEFAULT_FRAMES = default_nyu_sample_dir() or REPO_ROOT.parent / "shared" / "data" / "nyu_eigen_test_sample"
+DEFAULT_FRAMES = nyu_sample_dir(NYU_SAMPLE_DIR) or NYU_SAMPLE_DIR
 SCRIPT = REPO_ROOT / "examples" / "predict_dataset.py"
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 SETTINGS = ((1, 1), (1, 8), (2, 8))  # (processes, batch size)

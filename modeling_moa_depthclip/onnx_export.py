@@ -76,7 +76,7 @@ def quantize_onnx_int8(source, output) -> Path:
     try:
         quantize_dynamic(
             os.fspath(source), partial, weight_type=QuantType.QInt8, per_channel=True,
-            op_types_to_quantize=["MatMul", "Gemm"],
+            op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=_vector_products(source),
         )
         # quantize_dynamic keeps the graph but not always the model's metadata: copy the preprocessing settings over
         quantized, original = onnx.load(partial), onnx.load(os.fspath(source), load_external_data=False)
@@ -92,6 +92,16 @@ def quantize_onnx_int8(source, output) -> Path:
         if os.path.exists(partial):
             os.remove(partial)
     return output
+
+
+def _vector_products(path) -> list[str]:
+    """MatMul nodes whose second input is a constant vector (the weighted sums over the depth bins): no weight
+    matrix to quantise, and onnxruntime's per-channel int8 MatMul cannot take a 1-D one."""
+    import onnx
+
+    graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    vectors = {tensor.name for tensor in graph.initializer if len(tensor.dims) < 2}
+    return [node.name for node in graph.node if node.op_type == "MatMul" and node.input[1] in vectors]
 
 
 class _DropMessage(logging.Filter):

@@ -42,8 +42,13 @@ def test_int8_pipeline_runs_onnxruntime_and_stays_close_to_fp32(checkpoint, nyu_
         assert depth.shape == reference.shape == (480, 640) and depth.dtype == np.float32
         assert not np.array_equal(depth, reference)  # really ran quantised
         np.testing.assert_allclose(depth, reference, atol=0.05 * float(np.abs(reference).max()))
-    result = int8(images[0])
-    assert sorted(result) == ["colored_depth", "depth", "metric_depth", "predicted_depth"]
+    result, reference = int8(images[0]), fp32(images[0])
+    # the same outputs as fp32, the uncertainty of the depth bins included (the graph's second output)
+    assert sorted(result) == sorted(reference) == [
+        "colored_depth", "colored_uncertainty", "depth", "metric_depth", "predicted_depth", "uncertainty"
+    ]
+    np.testing.assert_allclose(result["uncertainty"], reference["uncertainty"],
+                               atol=0.05 * float(np.abs(reference["uncertainty"]).max()))  # fmt: skip
     # a second load reads the cached file instead of exporting again
     stamp = onnx_file.stat().st_mtime_ns
     load_depth_pipeline(str(checkpoint), dtype="int8")
