@@ -40,8 +40,6 @@ def _build(setting, checkpoint_frozen_layers):
 
 
 def bench_training_profile(frames_dir, steps: int = 3):
-    import torch
-
     from modeling_moa_depthclip import MoADepthCLIPImageProcessor
     from modeling_moa_depthclip.data import DepthAugmentation, DepthCollator, TrainingExamples, load_depth_dataset
 

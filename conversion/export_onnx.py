@@ -50,10 +50,8 @@ an output file that exists without `--overwrite`, no images).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 try:
     import modeling_moa_depthclip  # noqa: F401  (installed, or copied next to this file on a Space)
@@ -47,7 +47,12 @@ from modeling_moa_depthclip.geometry.point_cloud import (
     write_ply,
 )
 from modeling_moa_depthclip.uncertainty import has_depth_bins
-from modeling_moa_depthclip.visualization import colorize_depth, colorize_unit_depth, uncertainty_figure
+from modeling_moa_depthclip.visualization import (
+    colorize_depth,
+    colorize_unit_depth,
+    map_with_colour_bar,
+    uncertainty_figure,
+)
 
 MODEL_ENV = "MOA_DEPTHCLIP_MODEL"
 NYU_SAMPLE_ENV = "MOA_DEPTHCLIP_NYU_SAMPLE"
@@ -109,38 +114,9 @@ def find_nyu_sample() -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def _nice_step(span: float, target_ticks: int = 6) -> float:
-    raw = span / max(target_ticks, 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-
-
 def depth_figure(depth: np.ndarray, vmin: float, vmax: float) -> Image.Image:
     """The coloured depth map (its own pixels, so clicks map to them) with a colour bar in metres on its right."""
-    height, width = depth.shape
-    coloured = colorize_depth(depth, vmin, vmax)
-    font_size = max(12, height // 30)
-    font = ImageFont.load_default(size=font_size)
-    panel_width = int(font_size * 6)
-    figure = Image.new("RGB", (width + panel_width, height), "white")
-    figure.paste(coloured, (0, 0))
-    draw = ImageDraw.Draw(figure)
-    # a margin above and below the bar, so that its end labels are not cut
-    top, bottom = int(font_size * 2.5), height - font_size
-    bar_left, bar_width = width + font_size, max(12, font_size)
-    # far (blue) at the top, near (red) at the bottom, as the map colours them
-    gradient = np.linspace(1.0, 0.0, bottom - top, dtype=np.float32)[:, None].repeat(bar_width, axis=1)
-    figure.paste(colorize_unit_depth(gradient), (bar_left, top))
-    draw.rectangle((bar_left - 1, top - 1, bar_left + bar_width, bottom), outline="black")
-    step = _nice_step(vmax - vmin)
-    digits = max(0, -math.floor(math.log10(step) + 1e-9)) if step < 1 else 0
-    tick = math.ceil(vmin / step - 1e-9) * step
-    while tick <= vmax + 1e-9:
-        y = bottom - (tick - vmin) / (vmax - vmin) * (bottom - top)
-        draw.line((bar_left + bar_width, y, bar_left + bar_width + 5, y), fill="black")
-        draw.text((bar_left + bar_width + 8, y), f"{tick:.{digits}f} m", fill="black", font=font, anchor="lm")
-        tick += step
-    return figure
+    return map_with_colour_bar(depth, vmin, vmax, colorize_unit_depth)
 
 
 def _colour_range(depth: np.ndarray) -> tuple[float, float]:

@@ -3,7 +3,6 @@ augmenting the full frame and letting the collator resize it: compared sample by
 
 import numpy as np
 import pytest
-import torch
 
 from modeling_moa_depthclip import MoADepthCLIPImageProcessor
 from modeling_moa_depthclip.data import DepthAugmentation, DepthCollator, TrainingExamples, default_num_workers
