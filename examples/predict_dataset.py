@@ -39,6 +39,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(1, str(REPO_ROOT))
 
+import datasets  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import gather_object  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
 from modeling_moa_depthclip.inference.dataset_prediction import (  # noqa: E402
@@ -160,19 +164,16 @@ def run_settings(model_args, data_args, output_args, rows) -> dict:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import datasets
-    import transformers
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object
+class RunRefused(Exception):
+    """The run stops with one line and this exit code (the arguments, the input or the output folder)."""
 
-    model_args, data_args, output_args, run_args = parse_arguments(argv)
-    accelerator = Accelerator(cpu=run_args.cpu)
-    # one progress bar: ours (and an error stays one line)
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
-    # 1. Input, model and output folder are checked before anything is written.
+
+def checked_inputs(model_args, data_args, output_args, accelerator):
+    """1. Input, model and output folder, checked before anything is written."""
     try:
         rows = open_input(
             data_args.dataset, split=data_args.split, config_name=data_args.dataset_config,
@@ -186,10 +187,81 @@ def main(argv: Sequence[str] | None = None) -> int:
         with_uncertainty = predicts_uncertainty(model, image_processor)
         check_output_columns(rows, output_args.depth_column, with_uncertainty)
     except (DatasetPredictionError, ModelLoadError) as error:
-        if accelerator.is_main_process:
-            print(f"{PROG}: error: {first_line(error)}", file=sys.stderr)
-        accelerator.end_training()
-        return 2
+        raise RunRefused(first_line(error), 2) from None
+    return rows, settings, output, model, image_processor, with_uncertainty
+
+
+def predict_pending_shards(accelerator, rows, output, predictor, plan, completed, progress, output_args, run_args):
+    """3. Each process predicts its share of the shards still to do and commits each shard when complete; returns
+    the number of rows of the input."""
+    if rows.num_rows is not None:
+        pending = plan.pending(completed)
+        with accelerator.split_between_processes(pending) as shards:
+            predictor.run(
+                map_style_rows(rows, shards, plan, output_args.depth_format, run_args.batch_size, run_args.num_workers),
+                plan.shard_of,
+            )
+        progress.wait_for(pending)
+        return rows.num_rows
+
+    def take(todo):
+        with accelerator.split_between_processes(todo) as mine:
+            return list(mine)
+
+    counter = {}
+    predictor.run(
+        stream_rows(rows, plan, completed, output_args.depth_format, accelerator.num_processes, take, counter),
+        plan.shard_of,
+    )
+    progress.wait_for(ShardPlan(output_args.shard_size, counter["rows"]).pending(completed), num_rows=counter["rows"])
+    return counter["rows"]
+
+
+def write_summary(output, settings, processes, completed, num_rows, seconds, shard_size, num_processes) -> dict:
+    """4. On the main process: every shard is complete, then the summary, the errors and the card are written."""
+    all_shards = set(range(ShardPlan(shard_size, num_rows).num_shards))
+    missing = sorted(all_shards - output.completed_shards())
+    if missing:
+        raise RunRefused(f"shards {missing[:5]} are not complete", 1)
+    errors = output.errors()
+    done_now = sum(process["rows"] for process in processes)
+    summary = {
+        "settings": settings,
+        "total_rows": num_rows,
+        "written_rows": output.written_rows(),
+        "error_rows": len(errors),
+        "num_shards": len(all_shards),
+        "num_processes": num_processes,
+        "this_run": {
+            "rows": done_now,
+            "shards_skipped": len(completed),
+            "seconds": round(seconds, 3),
+            "images_per_second": round(done_now / seconds, 2) if seconds > 0 else None,
+            "processes": processes,
+        },
+    }
+    output.finalize(summary, errors)
+    print(
+        f"{summary['total_rows']} rows: {summary['written_rows']} with depth, {summary['error_rows']} unreadable "
+        f"(errors.jsonl); {done_now} done in this run by {num_processes} process(es) at "
+        f"{summary['this_run']['images_per_second']} images/s; {len(completed)} shard(s) were already complete -> "
+        f"{output.root}"
+    )
+    return summary
+
+
+def push(output, output_args):
+    try:
+        url = push_folder_to_hub(output, output_args.push_to_hub, private=output_args.private)
+    except Exception as error:  # network, authentication, permissions: reported in one line, results kept
+        raise RunRefused(f"cannot push to {output_args.push_to_hub}: {first_line(error)}", 1) from None
+    print(f"pushed to {url}")
+
+
+def run(model_args, data_args, output_args, run_args, accelerator) -> int:
+    rows, settings, output, model, image_processor, with_uncertainty = checked_inputs(
+        model_args, data_args, output_args, accelerator
+    )
 
     # 2. The folder records the settings; the shards already complete are skipped. Every process has checked the
     # folder before the main process writes to it.
@@ -205,78 +277,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_args.batch_size, with_uncertainty, on_progress=progress.update,
     )
 
-    # 3. Each process predicts its share of the shards still to do and commits each shard when complete.
     start = time.perf_counter()
-    if rows.num_rows is not None:
-        pending = plan.pending(completed)
-        with accelerator.split_between_processes(pending) as shards:
-            predictor.run(
-                map_style_rows(rows, shards, plan, output_args.depth_format, run_args.batch_size, run_args.num_workers),
-                plan.shard_of,
-            )
-        progress.wait_for(pending)
-        stream_length = rows.num_rows
-    else:
-        def take(todo):
-            with accelerator.split_between_processes(todo) as mine:
-                return list(mine)
-
-        counter = {}
-        predictor.run(
-            stream_rows(rows, plan, completed, output_args.depth_format, accelerator.num_processes, take, counter),
-            plan.shard_of,
-        )
-        stream_length = counter["rows"]
-        progress.wait_for(ShardPlan(output_args.shard_size, stream_length).pending(completed), num_rows=stream_length)
+    num_rows = predict_pending_shards(accelerator, rows, output, predictor, plan, completed, progress, output_args,
+                                      run_args)  # fmt: skip
     seconds = time.perf_counter() - start
 
-    # 4. The main process gathers what each process did and writes the summary, the errors and the card.
     accelerator.wait_for_everyone()
     processes = gather_object([{
         "process": accelerator.process_index, "shards": predictor.shards_written,
         "rows": predictor.rows_written + predictor.rows_failed, "seconds": round(seconds, 3),
     }])
     if accelerator.is_main_process:
-        all_shards = set(range(ShardPlan(output_args.shard_size, stream_length).num_shards))
-        missing = sorted(all_shards - output.completed_shards())
-        if missing:
-            print(f"{PROG}: error: shards {missing[:5]} are not complete", file=sys.stderr)
-            accelerator.end_training()
-            return 1
-        errors = output.errors()
-        done_now = sum(process["rows"] for process in processes)
-        summary = {
-            "settings": settings,
-            "total_rows": stream_length,
-            "written_rows": output.written_rows(),
-            "error_rows": len(errors),
-            "num_shards": len(all_shards),
-            "num_processes": accelerator.num_processes,
-            "this_run": {
-                "rows": done_now,
-                "shards_skipped": len(completed),
-                "seconds": round(seconds, 3),
-                "images_per_second": round(done_now / seconds, 2) if seconds > 0 else None,
-                "processes": processes,
-            },
-        }
-        output.finalize(summary, errors)
-        print(
-            f"{summary['total_rows']} rows: {summary['written_rows']} with depth, {summary['error_rows']} unreadable "
-            f"(errors.jsonl); {done_now} done in this run by {accelerator.num_processes} process(es) at "
-            f"{summary['this_run']['images_per_second']} images/s; {len(completed)} shard(s) were already complete -> "
-            f"{output.root}"
-        )
+        write_summary(output, settings, processes, completed, num_rows, seconds, output_args.shard_size,
+                      accelerator.num_processes)  # fmt: skip
         if output_args.push_to_hub:
-            try:
-                url = push_folder_to_hub(output, output_args.push_to_hub, private=output_args.private)
-            except Exception as error:  # network, authentication, permissions: reported in one line, results kept
-                print(f"{PROG}: error: cannot push to {output_args.push_to_hub}: {first_line(error)}", file=sys.stderr)
-                accelerator.end_training()
-                return 1
-            print(f"pushed to {url}")
-    accelerator.end_training()
+            push(output, output_args)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    model_args, data_args, output_args, run_args = parse_arguments(argv)
+    accelerator = Accelerator(cpu=run_args.cpu)
+    # one progress bar: ours (and an error stays one line)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        return run(model_args, data_args, output_args, run_args, accelerator)
+    except RunRefused as refused:
+        if accelerator.is_main_process:
+            print(f"{PROG}: error: {refused}", file=sys.stderr)
+        return refused.code
+    finally:
+        accelerator.end_training()
 
 
 if __name__ == "__main__":
