@@ -197,6 +197,10 @@ class TrainArguments:
         "HEIGHT WIDTH: render size of synthetic training/validation scenes (the synthetic test split is rendered "
         "at 480x640)")})
     no_augmentation: bool = field(default=False, metadata=_help("train without DepthAugmentation"))
+    decoded_cache_dir: str | None = field(default=None, metadata=_help(
+        "decode the training frames of a file dataset once into this folder (about 2 MB per 640x480 frame) and read "
+        "them back memory-mapped: several times more frames/s per loader worker. Off by default, as it copies the "
+        "dataset decoded; entries are keyed by the source files and decoding settings, so the folder can be reused"))
     dataloader_num_workers: int = field(default_factory=default_num_workers, metadata=_help(
         "data loader processes (default: 0 on a machine of 1-2 cores, else half the cores, at most 8)"))
     # optimisation
@@ -461,8 +465,11 @@ def train_dataloader_for(args: TrainArguments, train_set, image_processor, input
     augmentation = None if args.no_augmentation else DepthAugmentation(output_size=None)
     # examples come out at the model input size: augmenting the full frame for the collator to resize costs ~6x more
     target_size = None if args.labels_at_native_resolution else input_size
-    train_dataset = TrainingExamples(train_set, augmentation, args.seed, cache=args.dataset == "synthetic",
-                                     target_size=target_size)
+    try:
+        train_dataset = TrainingExamples(train_set, augmentation, args.seed, cache=args.dataset == "synthetic",
+                                         target_size=target_size, decoded_cache=args.decoded_cache_dir)
+    except (OSError, ValueError) as error:  # only the decoded-frame cache can refuse here
+        raise ArgumentValueError("--decoded_cache_dir", str(error)) from None
     return DataLoader(
         train_dataset, batch_size=args.per_device_train_batch_size,
         sampler=EpochShuffleSampler(len(train_dataset), args.seed),

@@ -16,6 +16,7 @@ pass the model's `config.min_depth` / `config.max_depth`.
 """
 
 from .augmentation import DepthAugmentation, DepthCollator, TrainingExamples, default_num_workers
+from .decoded_cache import DecodedFrames
 from .layouts import STANDARD_SPLITS
 from .nyu import NpyFrames, index_tar_shard, read_fastdepth_h5
 from .reading import (
@@ -42,6 +43,7 @@ __all__ = [
     "NYU_FOCAL",
     "NYU_HFOV_DEG",
     "STANDARD_SPLITS",
+    "DecodedFrames",
     "DepthAugmentation",
     "DepthCollator",
     "DepthExampleDecoder",

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .decoded_cache import DecodedFrames
 from .reading import to_rgb_image
 
 __all__ = ["DepthAugmentation", "DepthCollator", "TrainingExamples", "default_num_workers"]
@@ -216,13 +217,17 @@ class TrainingExamples(torch.utils.data.Dataset):
     does not depend on how samples were spread over workers or where a run was resumed. With `cache`, decoded base
     examples are kept in memory (worth it when producing them is slow, e.g. rendered scenes). With `target_size`
     (the model input), augmented examples come out at that size (`DepthAugmentation.apply(..., target_size)`):
-    the same augmentation, several times cheaper than augmenting the full frame for the collator to resize.
+    the same augmentation, several times cheaper than augmenting the full frame for the collator to resize. With
+    `decoded_cache` (a folder) the frames of a file dataset are decoded once and read back memory-mapped
+    (`DecodedFrames`), the same examples bit for bit.
     """
 
     def __init__(
         self, base, augmentation: DepthAugmentation | None, seed: int, cache: bool = False,
-        target_size: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None, decoded_cache: str | os.PathLike | None = None,
     ):
+        if decoded_cache is not None:
+            base = DecodedFrames(base, decoded_cache)
         self.base, self.augmentation, self.seed = base, augmentation, seed
         self.target_size = tuple(int(v) for v in target_size) if target_size is not None else None
         self.num_examples = len(base)
