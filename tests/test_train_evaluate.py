@@ -257,6 +257,25 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(run_train, tmp_p
     assert straight["loss_history"][0][1] != straight["loss_history"][-1][1]
 
 
+def test_decoded_frames_cache_trains_on_the_same_examples(run_train, nyu_sample_dir, tmp_path, capsys):
+    """--decoded_cache_dir decodes each frame once into the folder and gives the same run (losses) as decoding at
+    every read; a folder that cannot be written is one error naming it."""
+    common = (
+        "--config_name", "tiny", "--dataset", nyu_sample_dir, "--max_train_samples", 4,
+        "--per_device_train_batch_size", 2, "--max_train_steps", 4, "--seed", 1, "--eval_split", "none",
+        "--test_datasets", "none", "--checkpointing_steps", 0,
+    )
+    plain = run_train(*common, "--output_dir", tmp_path / "plain")
+    cache = tmp_path / "decoded"
+    cached = run_train(*common, "--decoded_cache_dir", cache, "--output_dir", tmp_path / "cached")
+    assert cached["loss_history"] == plain["loss_history"]
+    assert len(list(cache.glob("*/depth.npy"))) == 4
+    (tmp_path / "a_file").write_text("")
+    error = _error_of(train_script.main, [*common, "--decoded_cache_dir", tmp_path / "a_file" / "cache",
+                                          "--output_dir", tmp_path / "refused"], capsys)
+    assert "--decoded_cache_dir" in error and str(tmp_path / "a_file" / "cache") in error
+
+
 def test_training_from_a_checkpoint_changes_only_the_trainable_weights(run_train, tmp_path):
     """--model FOLDER (a save_pretrained checkpoint) is the starting point: after training, every trainable tensor
     (MoA, context, decoder, head, last CLIP block) moved and every frozen CLIP tensor is bit-identical."""
