@@ -79,6 +79,7 @@ from modeling_moa_depthclip.cli.arguments import (  # noqa: E402
 from modeling_moa_depthclip.clip.initialization import init_from_clip  # noqa: E402
 from modeling_moa_depthclip.configuration_moa_depthclip import config_from_name  # noqa: E402
 from modeling_moa_depthclip.data import (  # noqa: E402
+    DecodedFrames,
     DepthAugmentation,
     DepthCollator,
     SourceKind,
@@ -465,11 +466,8 @@ def train_dataloader_for(args: TrainArguments, train_set, image_processor, input
     augmentation = None if args.no_augmentation else DepthAugmentation(output_size=None)
     # examples come out at the model input size: augmenting the full frame for the collator to resize costs ~6x more
     target_size = None if args.labels_at_native_resolution else input_size
-    try:
-        train_dataset = TrainingExamples(train_set, augmentation, args.seed, cache=args.dataset == "synthetic",
-                                         target_size=target_size, decoded_cache=args.decoded_cache_dir)
-    except (OSError, ValueError) as error:  # only the decoded-frame cache can refuse here
-        raise ArgumentValueError("--decoded_cache_dir", str(error)) from None
+    train_dataset = TrainingExamples(train_set, augmentation, args.seed, cache=args.dataset == "synthetic",
+                                     target_size=target_size)
     return DataLoader(
         train_dataset, batch_size=args.per_device_train_batch_size,
         sampler=EpochShuffleSampler(len(train_dataset), args.seed),
@@ -979,6 +977,11 @@ def set_up(args: TrainArguments, cleanup: contextlib.ExitStack) -> TrainingRun:
     # the model's config (its depth range) and the data first: bad inputs fail here, before anything is built
     config = model_config(args)
     data = load_data(args, config)
+    if args.decoded_cache_dir is not None:
+        try:
+            data.train = DecodedFrames(data.train, args.decoded_cache_dir)
+        except (OSError, ValueError) as error:
+            raise ArgumentValueError("--decoded_cache_dir", str(error)) from None
     accelerator = setup_accelerator(args, output_dir)
     set_seed(args.seed)
     model, image_processor, description = load_or_build_model(args, config)

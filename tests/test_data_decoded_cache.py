@@ -90,6 +90,8 @@ def test_a_changed_file_or_setting_is_decoded_anew(png_folder, tmp_path):
     _same(DecodedFrames(clipped, cache)[0], clipped[0])
     assert DecodedFrames(clipped, cache).entry(0) != DecodedFrames(dataset, cache).entry(0)
     assert DecodedFrames(clipped, cache)[0]["depth"].max() <= 2.0 < after["depth"].max()
+    millimetres = depth_dataset_from_files(png_folder, depth_unit="mm", **RANGE)
+    assert DecodedFrames(millimetres, cache).entry(0) != DecodedFrames(dataset, cache).entry(0)
 
 
 def test_a_partly_written_entry_is_redone(png_folder, tmp_path):

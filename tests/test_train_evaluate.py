@@ -259,7 +259,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(run_train, tmp_p
 
 def test_decoded_frames_cache_trains_on_the_same_examples(run_train, nyu_sample_dir, tmp_path, capsys):
     """--decoded_cache_dir decodes each frame once into the folder and gives the same run (losses) as decoding at
-    every read; a folder that cannot be written is one error naming it."""
+    every read; a folder that cannot be written is one error naming it, before the run starts."""
     common = (
         "--config_name", "tiny", "--dataset", nyu_sample_dir, "--max_train_samples", 4,
         "--per_device_train_batch_size", 2, "--max_train_steps", 4, "--seed", 1, "--eval_split", "none",
@@ -274,6 +274,7 @@ def test_decoded_frames_cache_trains_on_the_same_examples(run_train, nyu_sample_
     error = _error_of(train_script.main, [*common, "--decoded_cache_dir", tmp_path / "a_file" / "cache",
                                           "--output_dir", tmp_path / "refused"], capsys)
     assert "--decoded_cache_dir" in error and str(tmp_path / "a_file" / "cache") in error
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
 
 
 def test_training_from_a_checkpoint_changes_only_the_trainable_weights(run_train, tmp_path):

@@ -23,8 +23,6 @@ from .decoding import DepthExampleDecoder
 
 __all__ = ["DecodedFrames"]
 
-# decoding settings that change a decoded frame; a change of any of them gives other cache entries
-_SETTINGS = ("depth_unit", "depth_scale", "min_depth", "max_depth", "image_column", "depth_column", "name_column")
 _CACHE_FORMAT = 1
 
 
@@ -66,7 +64,9 @@ class DecodedFrames(torch.utils.data.Dataset):
             tempfile.TemporaryFile(dir=self.cache_dir).close()
         except OSError as exc:
             raise OSError(f"decoded-frame cache folder {self.cache_dir} cannot be written: {exc}") from None
-        self._settings = {key: getattr(transform, key, None) for key in _SETTINGS}
+        # every setting of the decoder (unit, scale, depth range, columns; a subclass's own) is part of the key
+        self._settings = {key: value for key, value in vars(transform).items()
+                          if not key.startswith("_") and isinstance(value, (str, int, float, bool, type(None)))}
         self._settings.update(decoder=type(transform).__qualname__, format=_CACHE_FORMAT)
 
     def __len__(self) -> int:
@@ -87,7 +87,7 @@ class DecodedFrames(torch.utils.data.Dataset):
             rgb = np.load(entry / "rgb.npy", mmap_mode="r")
             depth = np.load(entry / "depth.npy", mmap_mode="r")
             name = (entry / "name.txt").read_text(encoding="utf-8")
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError):  # absent, or damaged after it was written
             return None
         # the image is copied by PIL; the depth is copied too, so examples are writable as decoded ones are
         return {"image": Image.fromarray(rgb), "depth": np.array(depth), "name": name}
