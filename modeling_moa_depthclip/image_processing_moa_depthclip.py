@@ -28,7 +28,7 @@ URL_PREFIXES = ("http://", "https://")
 DATA_URI_PREFIX = "data:image/"
 
 
-def _decode(source, name: str) -> Image.Image:
+def decode_image(source, name: str) -> Image.Image:
     """Fully decode an image from a path or a byte stream, EXIF orientation applied; one `ImageLoadError` naming
     `name` for every way it can fail. PIL's decompression-bomb warning is raised as an error: refused, not decoded."""
     try:
@@ -57,7 +57,7 @@ def load_image_file(path) -> Image.Image:
         raise ImageLoadError(f"{path}: is a directory, not an image file")
     if os.path.getsize(path) == 0:
         raise ImageLoadError(f"{path}: empty file (0 bytes)")
-    return _decode(path, path)
+    return decode_image(path, path)
 
 
 def load_image_url(url: str, timeout: float | None = None) -> Image.Image:
@@ -72,7 +72,7 @@ def load_image_url(url: str, timeout: float | None = None) -> Image.Image:
         raise ImageLoadError(f"{url}: cannot be fetched ({error})") from None
     if not response.content:
         raise ImageLoadError(f"{url}: empty response (0 bytes)")
-    return _decode(io.BytesIO(response.content), url)
+    return decode_image(io.BytesIO(response.content), url)
 
 
 def read_image(image, timeout: float | None = None):
@@ -89,7 +89,7 @@ def read_image(image, timeout: float | None = None):
                 data = base64.b64decode(text.split(",", 1)[1], validate=True)
             except (IndexError, binascii.Error):
                 raise ImageLoadError(f"{name}: not a base64 data URI") from None
-            return _decode(io.BytesIO(data), name)
+            return decode_image(io.BytesIO(data), name)
         return load_image_file(text)
     return image
 
@@ -365,6 +365,7 @@ def _resize_map(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 __all__ = [
     "ImageLoadError",
+    "decode_image",
     "MoADepthCLIPImageProcessor",
     "load_image_file",
     "load_image_url",

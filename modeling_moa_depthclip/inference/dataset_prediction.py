@@ -24,7 +24,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -32,9 +31,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from ..image_processing_moa_depthclip import ImageLoadError, load_image_file
+from ..image_processing_moa_depthclip import ImageLoadError, decode_image, load_image_file
 from ..loading import load_model_and_processor
 from ..utils import first_line
 
@@ -327,19 +326,7 @@ def _open_image_value(value) -> Image.Image:
         raise ImageLoadError("no image in the row")
     if value.get("bytes") is None:
         return load_image_file(value["path"])
-    where = value.get("path") or "image bytes"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(value["bytes"]))
-            image.load()
-            return ImageOps.exif_transpose(image)
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
-        raise ImageLoadError(f"{where}: refused, larger than PIL's decompression-bomb limit ({error})") from None
-    except UnidentifiedImageError:
-        raise ImageLoadError(f"{where}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageLoadError(f"{where}: truncated or corrupt image ({error})") from None
+    return decode_image(io.BytesIO(value["bytes"]), value.get("path") or "image bytes")
 
 
 def _embedded(value):
