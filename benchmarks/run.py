@@ -146,18 +146,17 @@ def save_models(folder: Path) -> dict:
 
 
 def load_pipeline(folder, dtype="float32"):
-    from transformers import pipeline
+    from transformers import AutoConfig, pipeline
     from transformers.utils import logging as hf_logging
 
     from modeling_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
     from modeling_moa_depthclip.loading import MODEL_TYPES
 
     hf_logging.disable_progress_bar()
-    pipe = pipeline("depth-estimation", model=str(folder), device="cpu", dtype=dtype)
-    if pipe.model.config.model_type not in MODEL_TYPES:
-        return pipe  # a peer: transformers' own pipeline
-    # ours: the package's pipeline, as users reach it (`pipeline_class=`), on the model loaded here
-    return MoADepthCLIPDepthEstimationPipeline(model=pipe.model, image_processor=pipe.image_processor, device="cpu")
+    ours = AutoConfig.from_pretrained(str(folder)).model_type in MODEL_TYPES
+    # ours: the package's pipeline, as users reach it (`pipeline_class=`); a peer: transformers' own pipeline
+    extra = {"pipeline_class": MoADepthCLIPDepthEstimationPipeline} if ours else {}
+    return pipeline("depth-estimation", model=str(folder), device="cpu", dtype=dtype, **extra)
 
 
 def load_frames(count: int):

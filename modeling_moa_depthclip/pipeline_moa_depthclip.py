@@ -28,6 +28,11 @@ class MoADepthCLIPDepthEstimationPipeline(DepthEstimationPipeline):
     model it is given is run as it is: the pipeline changes none of its modules or weights.
     """
 
+    # Depth estimation needs no video processor. transformers' pipeline factory reads this flag of the class it builds
+    # (as it reads the `_load_image_processor` that DepthEstimationPipeline sets): left unset, it probes a saved folder
+    # for a video processor and, finding the image processor's `auto_map`, asks whether to run remote code.
+    _load_video_processor = False
+
     def preprocess(self, image, timeout=None):
         rgb = to_float_rgb(image, timeout=timeout)
         model_inputs = self.image_processor(images=rgb, return_tensors="pt").to(self.dtype)

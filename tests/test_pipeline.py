@@ -179,6 +179,25 @@ def test_a_model_given_to_the_pipeline_is_run_as_it_is_never_changed():
         assert (after - before).abs().max() > 1e-3
 
 
+def test_the_package_pipeline_on_a_saved_folder_asks_nothing_about_remote_code(checkpoint):
+    """Neither the package's pipeline nor the folder's own copy probes for a video processor (which would find the
+    image processor's auto_map and ask whether to run remote code)."""
+    script = textwrap.dedent(
+        f"""
+        import modeling_moa_depthclip
+        from transformers import pipeline
+        built = pipeline("depth-estimation", model={str(checkpoint)!r},
+                         pipeline_class=modeling_moa_depthclip.MoADepthCLIPDepthEstimationPipeline)
+        print(type(built).__name__)
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                               stdin=subprocess.DEVNULL)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip().splitlines()[-1] == "MoADepthCLIPDepthEstimationPipeline"
+    assert "custom code" not in completed.stdout + completed.stderr
+
+
 def test_trust_remote_code_in_a_fresh_process_without_the_package(checkpoint, nyu_sample_dir, tmp_path):
     script = textwrap.dedent(
         f"""
