@@ -151,12 +151,16 @@ def load_pipeline(folder, dtype="float32"):
 
     from modeling_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
     from modeling_moa_depthclip.loading import MODEL_TYPES
+    from modeling_moa_depthclip.packed_linear import pack_linear_layers
 
     hf_logging.disable_progress_bar()
     ours = AutoConfig.from_pretrained(str(folder)).model_type in MODEL_TYPES
     # ours: the package's pipeline, as users reach it (`pipeline_class=`); a peer: transformers' own pipeline
     extra = {"pipeline_class": MoADepthCLIPDepthEstimationPipeline} if ours else {}
-    return pipeline("depth-estimation", model=str(folder), device="cpu", dtype=dtype, **extra)
+    pipe = pipeline("depth-estimation", model=str(folder), device="cpu", dtype=dtype, **extra)
+    if ours and dtype == "float32":
+        pack_linear_layers(pipe.model)  # the CPU fast path the CLI and demo install on the model they load
+    return pipe
 
 
 def load_frames(count: int):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .modeling_moa_depthclip import MoADepthCLIPDepthEstimatorOutput
+from .packed_linear import pack_linear_layers
 from .pipeline_moa_depthclip import MoADepthCLIPDepthEstimationPipeline
 
 
@@ -135,6 +136,9 @@ def load_depth_pipeline(model, dtype: str | None = None, device=None, cache_dir=
             ) from None
     loaded, processor = load_model_and_processor(model, dtype=torch_dtype)
     if dtype != "int8":
+        if torch.device(device).type == "cpu" and next(loaded.parameters()).dtype == torch.float32:
+            # the CPU fast path in fp32 (BENCHMARKS.md section 7), on the model loaded here: nobody else holds it
+            pack_linear_layers(loaded)
         return MoADepthCLIPDepthEstimationPipeline(model=loaded, image_processor=processor, device=device)
     session = onnxruntime_session(int8_onnx_file(loaded, processor, cache_dir))
     return OnnxRuntimeDepthEstimationPipeline(model=loaded, image_processor=processor, device=device, session=session)

@@ -198,6 +198,21 @@ def test_the_package_pipeline_on_a_saved_folder_asks_nothing_about_remote_code(c
     assert "custom code" not in completed.stdout + completed.stderr
 
 
+def test_the_cli_loader_packs_only_the_model_it_loaded_itself(checkpoint):
+    from modeling_moa_depthclip.cli.predict import load_depth_pipeline
+    from modeling_moa_depthclip.packed_linear import PackedLinear, onednn_linear_available
+
+    packed = load_depth_pipeline(str(checkpoint), "cpu")
+    plain = moa_pipeline(model=str(checkpoint), device="cpu")
+    packed_layers = sum(isinstance(m, PackedLinear) for m in packed.model.modules())
+    linears = sum(isinstance(m, torch.nn.Linear) for m in plain.model.modules())
+    assert packed_layers == (linears if onednn_linear_available() else 0)
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    image = Image.new("RGB", (96, 64), (40, 90, 200))
+    np.testing.assert_allclose(packed(image)["metric_depth"], plain(image)["metric_depth"], rtol=1e-5, atol=1e-5)
+    assert packed.model.state_dict().keys() == plain.model.state_dict().keys()
+
+
 def test_trust_remote_code_in_a_fresh_process_without_the_package(checkpoint, nyu_sample_dir, tmp_path):
     script = textwrap.dedent(
         f"""
